@@ -1,0 +1,5 @@
+import sys
+
+from edgeprune.cli.main import main
+
+sys.exit(main())
