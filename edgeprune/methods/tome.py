@@ -1,0 +1,182 @@
+"""ToMe (token merging, Bolya et al. 2023) applied to the image tokens (keys) of a decoder.
+
+The baseline the tgGBC paper compares against: instead of dropping unimportant keys, merge
+similar ones. ToMe's bipartite soft matching, adapted from the tokens of a ViT block to the
+keys of a DETR decoder's cross-attention:
+
+1. Metric: layer ``l``'s key-projection output ``K = (memory + key_pos) W_k^T + b_k``
+   ``[B, Nk, h*d]``, averaged over the ``h`` heads -> ``[B, Nk, d]``, L2-normalised (ToMe
+   uses the keys of the attention it just ran, averaged over heads, for the same reason:
+   keys already summarise what attention matches on, and cost nothing extra). The ONNX pass
+   reads the same tensor from the graph, so no projection is recomputed.
+2. Split the keys alternately into set A (even positions) and set B (odd positions).
+3. For every A key its most similar B key (cosine); the ``r`` A keys with the highest
+   similarity are merged into their B match, the others stay.
+4. Merge by size-weighted averaging (ToMe's ``merge_wavg``) of the memory AND the key
+   position embedding, tracking how many original keys each merged key stands for.
+   Output order is ToMe's: kept A keys by decreasing similarity, then all B keys.
+
+It runs between decoder layers with the tgGBC ``r`` schedule
+(:func:`edgeprune.methods.tggbc.schedule`): after layer ``l`` the keys of layers
+``l+1 ...`` shrink by ``r_l``. One matching can merge at most the ``ceil(Nk_l / 2)`` keys of
+set A, so a schedule asking more of a layer is refused rather than silently clamped.
+
+ToMe's proportional attention (adding ``log(size)`` to the attention scores of later layers)
+is NOT applied: it needs a float bias inside every later cross-attention, which neither the
+head's boolean key padding mask nor fused attention ops (``Attention``,
+``com.microsoft.MultiHeadAttention``) can take without rewriting the op; sizes are returned
+so a caller can add it. Masks are not supported (merging a padded key into a valid one would
+leak the padding into the average): :func:`forward_with_tome` refuses a key padding mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from edgeprune.errors import ParameterError
+from edgeprune.methods import tggbc
+
+if TYPE_CHECKING:
+    from edgeprune.models.decoder import HeadOutput, PETRHead
+
+
+@dataclass(frozen=True)
+class ToMeConfig:
+    """``r`` keys merged away in total over ``n`` merging layers (tgGBC's schedule)."""
+
+    r: int
+    n: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0 and self.n > 0
+
+    def validate(self, num_keys: int, num_layers: int) -> list[int]:
+        """Return the per-layer merge counts, or raise ParameterError naming the bad layer."""
+        if self.r < 0 or self.n < 0:
+            raise ParameterError(f"r and n must be >= 0 (got r={self.r}, n={self.n})")
+        if self.enabled and self.r >= num_keys:
+            raise ParameterError(f"r={self.r} must be smaller than the number of keys ({num_keys})")
+        per_layer = tggbc.schedule(self.r, self.n, num_layers)
+        keys = num_keys
+        for layer, r_l in enumerate(per_layer):
+            if r_l > max_merges(keys):
+                raise ParameterError(
+                    f"ToMe merges at most half of the keys per layer: layer {layer} would merge {r_l} "
+                    f"of {keys} keys (at most {max_merges(keys)}) with r={self.r} n={self.n}; "
+                    "lower r or raise n")
+            keys -= r_l
+        return per_layer
+
+
+def max_merges(num_keys: int) -> int:
+    """Keys one bipartite matching can remove: the size of set A, ceil(Nk / 2)."""
+    return (num_keys + 1) // 2
+
+
+def key_metric(key_input: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
+    """ToMe's metric: key projection averaged over heads, L2-normalised.
+
+    key_input [B, Nk, E] (memory + key_pos); weight [h*d, E]; bias [h*d] -> [B, Nk, d].
+    """
+    keys = torch.nn.functional.linear(key_input, weight, bias)                # [B, Nk, h*d]
+    bsz, nk, width = keys.shape
+    metric = keys.reshape(bsz, nk, num_heads, width // num_heads).mean(dim=2)  # [B, Nk, d]
+    return metric / metric.norm(dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Result of one bipartite matching over ``Nk`` keys (A = even positions, B = odd)."""
+
+    unmerged: Tensor     # [B, Na - r] positions in A of the kept A keys (decreasing similarity)
+    merged: Tensor       # [B, r]      positions in A of the merged A keys
+    destination: Tensor  # [B, r]      positions in B they are merged into
+
+
+def bipartite_soft_matching(metric: Tensor, r: int) -> Matching:
+    """Match every A key to its most similar B key; merge the ``r`` best matched A keys.
+
+    metric [B, Nk, d] (normalised). Sorting is stable, so ties keep the lower position
+    first, as ONNX TopK does.
+    """
+    if not 0 <= r <= max_merges(metric.shape[1]):
+        raise ParameterError(f"cannot merge {r} of {metric.shape[1]} keys (at most {max_merges(metric.shape[1])})")
+    a, b = metric[:, ::2], metric[:, 1::2]                                    # [B, Na, d], [B, Nb, d]
+    scores = a @ b.transpose(-1, -2)                                          # [B, Na, Nb]
+    best, best_idx = scores.max(dim=-1)                                       # [B, Na]
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices    # [B, Na]
+    merged = order[:, :r]
+    return Matching(unmerged=order[:, r:], merged=merged, destination=best_idx.gather(1, merged))
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, C] gathered along N with index [B, M] -> [B, M, C]."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def merge_sum(x: Tensor, matching: Matching) -> Tensor:
+    """Merge by summation: [B, Nk, C] -> [B, Nk - r, C] = cat(kept A, B + merged A)."""
+    src, dst = x[:, ::2], x[:, 1::2]
+    dst = dst.scatter_add(1, matching.destination[:, :, None].expand(-1, -1, x.shape[2]),
+                          _take(src, matching.merged))
+    return torch.cat([_take(src, matching.unmerged), dst], dim=1)
+
+
+def merge_weighted(tensors: list[Tensor], size: Tensor, matching: Matching) -> tuple[list[Tensor], Tensor]:
+    """Size-weighted average of every per-key tensor [B, Nk, C]; size [B, Nk, 1] -> merged sizes."""
+    new_size = merge_sum(size, matching)                                      # [B, Nk - r, 1]
+    return [merge_sum(t * size, matching) / new_size for t in tensors], new_size
+
+
+def merge_keys(memory: Tensor, key_pos: Tensor, size: Tensor, metric: Tensor,
+               r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One ToMe step on the keys: memory/key_pos [B, Nk, E], size [B, Nk, 1] -> Nk - r keys."""
+    matching = bipartite_soft_matching(metric, r)
+    (memory, key_pos), size = merge_weighted([memory, key_pos], size, matching)
+    return memory, key_pos, size
+
+
+@dataclass
+class ToMeOutput:
+    """The head's outputs with ToMe between layers, and the key sizes each layer saw."""
+
+    head: "HeadOutput"
+    sizes: list[Tensor]   # L x [B, Nk_l, 1]: original keys each of layer l's keys stands for
+
+
+def forward_with_tome(head: "PETRHead", inputs: dict[str, Tensor], config: ToMeConfig) -> ToMeOutput:
+    """Run ``head`` (an edgeprune PETRHead) with ToMe merging between its layers.
+
+    inputs: ``head.example_inputs()``-style dict (memory/key_pos [B, Nk, E] + temporal inputs).
+    Mirrors ``PETRHead.forward`` with the tgGBC gather replaced by a merge.
+    """
+    from edgeprune.models.decoder import HeadOutput, inverse_sigmoid, sine_embedding_3d
+
+    if inputs.get("key_padding_mask") is not None:
+        raise ParameterError("ToMe cannot merge keys under a key padding mask; drop the mask or use tgGBC")
+    memory, key_pos = inputs["memory"], inputs["key_pos"]
+    per_layer = config.validate(memory.shape[1], head.cfg.num_layers)
+    tgt, ref = head._initial_queries(memory.shape[0], inputs.get("prev_query"), inputs.get("prev_ref"), None)
+    query_pos = head.query_embedding(sine_embedding_3d(ref, head.cfg.embed_dims // 2))   # [B, Nq, E]
+    ref_logit = inverse_sigmoid(ref)
+    size = memory.new_ones(memory.shape[0], memory.shape[1], 1)                            # [B, Nk, 1]
+    temp_memory, temp_pos = inputs.get("temp_memory"), inputs.get("temp_pos")
+    logits_all, boxes_all, probs_all, sizes = [], [], [], []
+    for layer, r_l in zip(head.layers, per_layer):
+        sizes.append(size)
+        tgt, probs = layer(tgt, query_pos, memory, key_pos, temp_memory, temp_pos, None)
+        logits, boxes = head._predict(tgt, ref_logit)
+        if r_l > 0:
+            attn = layer.cross_attn
+            e = head.cfg.embed_dims
+            metric = key_metric(memory + key_pos, attn.in_proj_weight[e:2 * e], attn.in_proj_bias[e:2 * e],
+                                head.cfg.num_heads)                                        # [B, Nk, d]
+            memory, key_pos, size = merge_keys(memory, key_pos, size, metric, r_l)
+        logits_all.append(logits), boxes_all.append(boxes), probs_all.append(probs)
+    out = HeadOutput(torch.stack(logits_all), torch.stack(boxes_all), probs_all, logits_all,
+                     [None] * len(logits_all))
+    return ToMeOutput(out, sizes)
