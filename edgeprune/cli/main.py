@@ -21,6 +21,7 @@ from edgeprune.errors import EdgepruneError, InternalError, UserError
 COMMANDS: tuple[str, ...] = (
     "demo",
     "export",
+    "bench",
 )
 
 log = logging.getLogger("edgeprune")

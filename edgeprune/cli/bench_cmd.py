@@ -1,0 +1,194 @@
+"""Time ONNX models with ONNX Runtime on this machine or on a board, with honest statistics.
+
+Several models are timed interleaved (m1, m2, m1, m2, ...) in one process, so drift of the
+board (thermal throttling, other load) hits them alike, and each one's speedup against the
+first is reported with a bootstrap confidence interval.
+
+examples:
+  edgeprune bench model.onnx
+  edgeprune bench base.onnx pruned.onnx --repeats 200 --json res.json --csv res.csv --plot res.png
+  edgeprune bench decoder.onnx --precision both --profile
+  edgeprune bench model.onnx --device orangepi5 --threads 4 --time-budget 60
+  edgeprune bench model.onnx --providers tensorrt,cuda,cpu --provider-option tensorrt:trt_fp16_enable=1
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from edgeprune.errors import ParameterError
+
+NAME = "bench"
+HELP = "time ONNX models locally or on a board (statistics, speedups, profiles)"
+DEFAULT_REPEATS = 50
+BUDGET_REPEATS = 1_000_000   # cap on repeats when only --time-budget bounds the run
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models; the first is the speedup baseline")
+    parser.add_argument("--device", default="local", help="'local' or a device profile name/path (default: local)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "both"), default=None,
+                        help="convert fp32 models to fp16 (fp16), or time both; default: run the files as given")
+    run = parser.add_argument_group("measurement")
+    run.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
+    run.add_argument("--repeats", type=int, default=None,
+                     help=f"timed runs per model (default {DEFAULT_REPEATS}; with --time-budget: no limit)")
+    run.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                     help="stop after the round that passes this many seconds (at least 3 runs each)")
+    run.add_argument("--sequential", action="store_true", help="time models one after another, not interleaved")
+    run.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: device / ORT default)")
+    run.add_argument("--affinity", default=None, metavar="CPUS", help="pin to CPUs, e.g. 4-7 or 0,2 (Linux)")
+    run.add_argument("--providers", default=None, metavar="LIST",
+                     help="execution providers in priority order, e.g. tensorrt,cuda,cpu (default: device's, else cpu)")
+    run.add_argument("--provider-option", action="append", default=[], metavar="[PROVIDER:]KEY=VALUE",
+                     help="provider option (repeatable); without PROVIDER it applies to the first provider")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--free-dim", action="append", default=[], metavar="NAME=V",
+                        help="value of a free input dimension (repeatable); NAME is the dim name or INPUT:AXIS")
+    inputs.add_argument("--inputs", default=None, metavar="X.npz", help="input arrays by input name instead of random")
+    inputs.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--profile", action="store_true", help="per-op profile by op type and decoder layer")
+    out.add_argument("--profile-top", type=int, default=15, metavar="N", help="op types shown in the profile")
+    out.add_argument("--json", default=None, metavar="F", help="write everything (raw samples, environment) as JSON")
+    out.add_argument("--csv", default=None, metavar="F", help="write every run as a CSV row with the environment")
+    out.add_argument("--plot", default=None, metavar="F", help="write a PNG of the latency distributions")
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise ParameterError(f"{flag} {text!r} must look like KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+def parse_free_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        key, value = _key_value(item, "--free-dim")
+        try:
+            dims[key] = int(value)
+        except ValueError as exc:
+            raise ParameterError(f"--free-dim {item!r}: {value!r} is not an integer") from exc
+    return dims
+
+
+def parse_affinity(text: str | None) -> tuple[int, ...] | None:
+    """``"4-7,0"`` -> (0, 4, 5, 6, 7)."""
+    if text is None:
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError as exc:
+        raise ParameterError(f"--affinity {text!r} must be CPU ids like 4-7 or 0,2,3") from exc
+    if not cpus:
+        raise ParameterError(f"--affinity {text!r} names no CPU")
+    return tuple(sorted(cpus))
+
+
+def parse_providers(text: str | None, options: list[str]) -> tuple[tuple[str, dict[str, str]], ...] | None:
+    """``--providers`` and ``--provider-option`` -> ((name, {key: value}), ...) or None."""
+    from edgeprune.runners.bench import provider_name
+
+    if text is None and not options:
+        return None
+    names = [provider_name(p) for p in (text or "cpu").split(",") if p.strip()]
+    opts: dict[str, dict[str, str]] = {n: {} for n in names}
+    for item in options:
+        target, _, kv = item.rpartition(":") if ":" in item.split("=", 1)[0] else ("", "", item)
+        provider = provider_name(target) if target else names[0]
+        if provider not in opts:
+            raise ParameterError(f"--provider-option {item!r} is for {provider}, which is not in --providers "
+                                 f"({', '.join(names)})")
+        key, value = _key_value(kv, "--provider-option")
+        opts[provider][key] = value
+    return tuple((n, opts[n]) for n in names)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from edgeprune.runners.bench import BenchOptions
+
+    repeats = args.repeats if args.repeats is not None else (
+        BUDGET_REPEATS if args.time_budget is not None else DEFAULT_REPEATS)
+    return BenchOptions(
+        warmup=args.warmup, repeats=repeats, time_budget_s=args.time_budget, threads=args.threads,
+        providers=parse_providers(args.providers, args.provider_option), affinity=parse_affinity(args.affinity),
+        seed=args.seed, free_dims=parse_free_dims(args.free_dim), npz=args.inputs,
+        interleave=not args.sequential, profile=args.profile,
+    ).validate()
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, bounded: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A tqdm bar on an interactive terminal; nothing otherwise (run_bench logs a start line)."""
+    from edgeprune._lazy import available, require
+
+    if not sys.stderr.isatty() or not available("tqdm"):
+        yield None
+        return
+    bar = require("tqdm").tqdm(total=total if bounded else None, unit="run", leave=False, mininterval=0.3)
+    try:
+        yield lambda done, _total: bar.update(done - bar.n)
+    finally:
+        bar.close()
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    from edgeprune._lazy import require
+    from edgeprune.io import check_writable
+
+    for path in (args.json, args.csv, args.plot):
+        if path:
+            check_writable(path)
+    if args.plot:
+        require("matplotlib")
+
+
+def _write_outputs(report: Any, args: argparse.Namespace) -> None:
+    from edgeprune.runners import report as out
+
+    for path, write in ((args.json, out.write_json), (args.csv, out.write_csv), (args.plot, out.write_plot)):
+        if path:
+            write(report, path)
+            log.info("wrote %s", path)
+
+
+def _print_profiles(report: Any, top: int) -> None:
+    from edgeprune.runners.profile import aggregate, format_profile
+
+    for m in report.models:
+        if m.profile is not None:
+            print()
+            print(format_profile(aggregate(m.profile, m.metadata, m.name), top=top))
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgeprune.runners.bench import open_runner, run_bench
+    from edgeprune.runners.precision import plan_models
+    from edgeprune.runners.report import format_table
+
+    options = _options(args)
+    _check_outputs(args)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
+        specs = plan_models(args.models, args.precision, Path(tmp))
+        with _progress_bar(options.repeats * len(specs), args.time_budget is None) as progress:
+            runner, options = open_runner(args.device, options, progress)
+            with runner:
+                report = run_bench(specs, options, runner, args.device)
+    print(format_table(report))
+    for warning in report.warnings:
+        log.warning("warning: %s", warning)
+    if args.profile:
+        _print_profiles(report, args.profile_top)
+    _write_outputs(report, args)
+    return 0

@@ -1,0 +1,158 @@
+"""Benchmark orchestration: options -> agent request -> runner -> :class:`BenchReport`.
+
+This is what ``edgeprune bench`` does, callable from Python::
+
+    from edgeprune.runners.bench import BenchOptions, benchmark
+    report = benchmark(["a.onnx", "b.onnx"], BenchOptions(repeats=100))
+    report.speedups[0].ratio, report.speedups[0].ci_low, report.speedups[0].ci_high
+
+Any runner with ``run(request) -> result`` inside ``with`` works: :class:`LocalRunner` here,
+the SSH runner from ``edgeprune.devices.get_runner`` on a board.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from edgeprune.errors import DeviceError, ParameterError
+from edgeprune.runners.precision import plan_models
+from edgeprune.runners.results import BenchReport, ModelSpec, build_report
+
+log = logging.getLogger(__name__)
+
+# Short names accepted by --providers; anything else is passed to ORT unchanged.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "acl": "ACLExecutionProvider",
+    "armnn": "ArmNNExecutionProvider",
+    "rknpu": "RknpuExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+}
+
+
+class Runner(Protocol):
+    """What :func:`run_bench` needs from a runner (LocalRunner, the SSH runner)."""
+
+    def run(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to measure. ``None`` for providers/threads/affinity means the device's default."""
+
+    warmup: int = 5
+    repeats: int = 50                       # upper bound when a time budget is set
+    time_budget_s: float | None = None
+    threads: int | None = None
+    providers: tuple[tuple[str, Mapping[str, str]], ...] | None = None
+    affinity: tuple[int, ...] | None = None
+    seed: int = 0
+    free_dims: Mapping[str, int] = field(default_factory=dict)
+    npz: str | None = None
+    interleave: bool = True
+    profile: bool = False
+    return_outputs: bool = False
+
+    def validate(self) -> "BenchOptions":
+        checks = [("--warmup", self.warmup, 0), ("--repeats", self.repeats, 1), ("--seed", self.seed, 0)]
+        if self.threads is not None:
+            checks.append(("--threads", self.threads, 0))
+        for flag, value, low in checks:
+            if value < low:
+                raise ParameterError(f"{flag} must be >= {low}, got {value}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ParameterError(f"--time-budget must be > 0 seconds, got {self.time_budget_s}")
+        for name, value in self.free_dims.items():
+            if value < 1:
+                raise ParameterError(f"--free-dim {name}={value}: a dimension must be >= 1")
+        if self.npz is not None and not Path(self.npz).is_file():
+            raise ParameterError(f"--inputs {self.npz} does not exist; give an .npz with one array per model input")
+        return self
+
+
+def provider_name(name: str) -> str:
+    """``cuda`` -> ``CUDAExecutionProvider``; full names pass through."""
+    return PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+
+
+def build_request(specs: Sequence[ModelSpec], options: BenchOptions) -> dict[str, Any]:
+    """The agent request (protocol in ``edgeprune/devices/agent.py``); paths are local."""
+    providers = options.providers or (("CPUExecutionProvider", {}),)
+    return {
+        "models": [{"name": s.name, "path": s.path} for s in specs],
+        "warmup": options.warmup,
+        "repeats": options.repeats,
+        "time_budget_s": options.time_budget_s,
+        "threads": options.threads,
+        "providers": [[name, dict(opts)] for name, opts in providers],
+        "inputs": {"seed": options.seed, "free_dims": dict(options.free_dims), "npz": options.npz},
+        "interleave": options.interleave,
+        "profile": options.profile,
+        "affinity": list(options.affinity) if options.affinity is not None else None,
+        "return_outputs": options.return_outputs,
+    }
+
+
+def run_bench(specs: Sequence[ModelSpec], options: BenchOptions, runner: Runner,
+              device: str = "local") -> BenchReport:
+    """Run all ``specs`` in one agent request on an active ``runner`` and summarize."""
+    request = build_request(specs, options.validate())
+    total = options.repeats * len(specs)
+    log.info("timing %d model(s) on %s: %d warm-up + up to %d runs each%s%s", len(specs), device,
+             options.warmup, options.repeats,
+             f", time budget {options.time_budget_s:g} s" if options.time_budget_s else "",
+             ", interleaved" if options.interleave and len(specs) > 1 else "")
+    log.debug("request: %s (%d timed runs at most)", request, total)
+    result = runner.run(request)
+    return build_report(result, specs, device=device, request=request)
+
+
+def benchmark(paths: Sequence[str | Path], options: BenchOptions = BenchOptions(), *,
+              precision: str | None = None, runner: Runner | None = None,
+              device: str = "local") -> BenchReport:
+    """Benchmark model files (plus their fp16 variants per ``precision``) on ``runner``.
+
+    Without a runner, a :class:`~edgeprune.runners.local.LocalRunner` times them here.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp, contextlib.ExitStack() as stack:
+        specs = plan_models(paths, precision, Path(tmp))
+        if runner is None:
+            from edgeprune.runners.local import LocalRunner
+
+            runner = stack.enter_context(LocalRunner())
+        return run_bench(specs, options, runner, device)
+
+
+def open_runner(device: str, options: BenchOptions,
+                progress: Callable[[int, int], None] | None = None) -> tuple[Any, BenchOptions]:
+    """An inactive runner for ``device`` and the options completed with the device's defaults.
+
+    ``local`` is this machine (:class:`LocalRunner`); any other name or path is a device profile
+    resolved by ``edgeprune.devices`` whose providers, threads and affinity fill the options the
+    user left unset.
+    """
+    if device == "local":
+        from edgeprune.runners.local import LocalRunner
+
+        return LocalRunner(progress=progress), options
+    try:
+        devices = importlib.import_module("edgeprune.devices")
+        get_runner = devices.get_runner
+    except (ImportError, AttributeError) as exc:
+        raise DeviceError(f"--device {device}: remote devices are not available in this installation "
+                          f"({exc}); use --device local") from exc
+    return get_runner(device), options

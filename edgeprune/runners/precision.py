@@ -1,0 +1,124 @@
+"""``--precision fp32|fp16|both``: which variants of each model are benchmarked.
+
+fp16 copies come from ``edgeprune.passes.fp16.convert_fp16`` (the rewrite issue's converter)
+and are written to a work directory that lives for the duration of the benchmark. Without a
+``--precision`` the given files run unchanged (this path needs no ``onnx``, so it works on a
+board with only the runtime install).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from edgeprune._lazy import available, require
+from edgeprune.errors import ModelNotFoundError, ParameterError, UserError
+from edgeprune.runners.results import ModelSpec
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "both")
+_TWO_GB = 2 * 1024**3
+_FLOAT, _FLOAT16 = 1, 10   # onnx.TensorProto data types
+
+
+class Fp16UnavailableError(UserError):
+    """The fp16 converter of the rewrite issue is not part of this installation yet."""
+
+
+def model_precision(path: str | Path) -> str:
+    """"fp16" when most floating-point weights (or, without weights, inputs) are float16."""
+    onnx = require("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    counts = {_FLOAT: 0, _FLOAT16: 0}
+    for init in model.graph.initializer:
+        if init.data_type in counts:
+            n = 1
+            for d in init.dims:
+                n *= d
+            counts[init.data_type] += n
+    if counts[_FLOAT] == counts[_FLOAT16] == 0:
+        for value in model.graph.input:
+            elem = value.type.tensor_type.elem_type
+            if elem in counts:
+                counts[elem] += 1
+    return "fp16" if counts[_FLOAT16] > counts[_FLOAT] else "fp32"
+
+
+def _converter():
+    try:
+        module = importlib.import_module("edgeprune.passes.fp16")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("edgeprune.passes.fp16", "edgeprune.passes"):
+            raise
+        raise Fp16UnavailableError(
+            "--precision fp16 needs the fp16 conversion, which arrives with "
+            "`edgeprune rewrite --precision fp16`; until then benchmark an fp16 model you converted "
+            "yourself, or use --precision fp32") from exc
+    return module.convert_fp16
+
+
+def convert_to_fp16(src: Path, dst: Path) -> Path:
+    """Write the fp16 conversion of ``src`` to ``dst`` (external data beyond 2 GB)."""
+    convert_fp16 = _converter()
+    onnx = require("onnx")
+    converted = convert_fp16(onnx.load(str(src)))
+    large = converted.ByteSize() > _TWO_GB
+    onnx.save_model(converted, str(dst), save_as_external_data=large,
+                    location=dst.name + ".data" if large else None)
+    log.info("converted %s to fp16: %s", src, dst)
+    return dst
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        name, i = p.stem, 2
+        while name in names:
+            name, i = f"{p.stem}#{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _variants(path: Path, name: str, precision: str, workdir: Path) -> list[ModelSpec]:
+    actual = model_precision(path)
+    if precision == "fp32" and actual == "fp16":
+        raise ParameterError(f"{path} is already fp16 and cannot be turned back into fp32; "
+                             "drop --precision or use --precision fp16")
+    if precision == "both" and actual == "fp16":
+        raise ParameterError(f"{path} is already fp16; --precision both needs the fp32 model "
+                             "(give the fp32 file, or use --precision fp16)")
+    if precision == "fp32":
+        return [ModelSpec(name, str(path), "fp32")]
+    if actual == "fp16":
+        return [ModelSpec(name, str(path), "fp16")]
+    fp16 = convert_to_fp16(path, workdir / f"{name.replace('#', '_')}.fp16.onnx")
+    if precision == "fp16":
+        return [ModelSpec(name, str(fp16), "fp16", source=str(path))]
+    return [ModelSpec(f"{name}-fp32", str(path), "fp32"),
+            ModelSpec(f"{name}-fp16", str(fp16), "fp16", source=str(path))]
+
+
+def plan_models(paths: Sequence[str | Path], precision: str | None, workdir: Path) -> list[ModelSpec]:
+    """Model variants in benchmark order (the first is the speedup baseline).
+
+    ``both`` gives ``m1-fp32, m1-fp16, m2-fp32, m2-fp16, ...``.
+    """
+    if precision is not None and precision not in PRECISIONS:
+        raise ParameterError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    files = [Path(p) for p in paths]
+    if not files:
+        raise ParameterError("no model given; pass one or more MODEL.onnx files")
+    for f in files:
+        if not f.is_file():
+            raise ModelNotFoundError(f"model file {f} does not exist; give the path of an .onnx file")
+    names = _unique_names(files)
+    if precision is None:
+        # Run the files as given; label their precision only when onnx can tell (host side).
+        label = model_precision if available("onnx") else (lambda _p: None)
+        return [ModelSpec(n, str(f), label(f)) for n, f in zip(names, files)]
+    specs: list[ModelSpec] = []
+    for n, f in zip(names, files):
+        specs += _variants(f, n, precision, workdir)
+    return specs

@@ -1,0 +1,141 @@
+"""Benchmark results on the host: the agent's JSON turned into typed records with statistics.
+
+The agent (``edgeprune/devices/agent.py``) returns plain JSON; :func:`build_report` checks it,
+maps board-side errors to edgeprune's exception types, and adds per-model statistics, drift
+checks and speedups against the first model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from edgeprune import __version__
+from edgeprune.errors import (
+    DependencyError, DeviceError, InternalError, InvalidModelError, ModelNotFoundError, ParameterError, UserError,
+)
+from edgeprune.runners.stats import DriftCheck, LatencyStats, Speedup, detect_drift, speedup, summarize
+
+AGENT_VERSION = 1
+
+# agent error type -> exception raised on the host
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    "BadRequest": ParameterError,
+    "InputError": ParameterError,
+    "MissingDependency": DependencyError,
+    "MissingProvider": DeviceError,
+    "ProviderNotUsed": DeviceError,
+    "OutOfMemory": DeviceError,
+    "RunError": DeviceError,
+    "ModelNotFound": ModelNotFoundError,
+    "ModelLoadError": InvalidModelError,
+    "InternalError": DeviceError,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model variant to benchmark, as the host knows it (``path`` is a local file)."""
+
+    name: str
+    path: str
+    precision: str | None = None    # "fp32", "fp16" or None when not known (onnx not installed)
+    source: str | None = None       # the user's file when ``path`` is a converted copy
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One model's figures from one benchmark session."""
+
+    spec: ModelSpec
+    sha256: str
+    inputs: dict[str, Any]                  # input name -> [shape, dtype]
+    samples_ms: tuple[float, ...]
+    sample_start_s: tuple[float, ...]       # start of each timed run since measurement began
+    warmup_ms: tuple[float, ...]
+    providers_used: tuple[str, ...]
+    metadata: dict[str, str]
+    stats: LatencyStats
+    drift: DriftCheck
+    profile: tuple[dict, ...] | None = None  # {"op_type", "node", "provider", "dur_us"} per node
+    outputs: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """Everything one ``edgeprune bench`` produced; :meth:`to_dict` is the ``--json`` content."""
+
+    device: str
+    env: dict[str, Any]
+    request: dict[str, Any]
+    models: tuple[ModelResult, ...]
+    speedups: tuple[Speedup, ...]            # models[1:] against models[0]
+    interleaved: bool
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        models = []
+        for m in self.models:
+            entry = asdict(m.spec)
+            entry.update(sha256=m.sha256, inputs=m.inputs, stats=asdict(m.stats),
+                         drift=dict(asdict(m.drift), drifting=m.drift.drifting),
+                         providers_used=list(m.providers_used), samples_ms=list(m.samples_ms),
+                         sample_start_s=list(m.sample_start_s), warmup_ms=list(m.warmup_ms),
+                         metadata=m.metadata, profile=list(m.profile) if m.profile is not None else None)
+            if m.outputs is not None:
+                entry["outputs"] = m.outputs
+            models.append(entry)
+        return {"edgeprune_version": __version__, "device": self.device, "env": self.env,
+                "request": self.request, "interleaved": self.interleaved, "models": models,
+                "speedups": [asdict(s) for s in self.speedups], "warnings": list(self.warnings)}
+
+
+def raise_for_error(result: dict[str, Any], device: str) -> None:
+    """Turn an agent result's ``error`` into the matching edgeprune exception."""
+    if not isinstance(result, dict) or result.get("agent_version") != AGENT_VERSION:
+        version = result.get("agent_version") if isinstance(result, dict) else None
+        raise InternalError(f"board agent on {device} answered protocol version {version!r}, "
+                            f"expected {AGENT_VERSION}; the pushed agent.py and edgeprune disagree")
+    error = result.get("error")
+    if error is None:
+        return
+    kind = error.get("type", "InternalError")
+    exc_type = _ERROR_TYPES.get(kind, DeviceError)
+    raise exc_type(f"on device {device}: {kind}: {error.get('message', '')}")
+
+
+def _model_result(spec: ModelSpec, raw: dict[str, Any]) -> ModelResult:
+    samples = tuple(float(x) for x in raw["samples_ms"])
+    return ModelResult(
+        spec=spec, sha256=raw["sha256"], inputs=raw["inputs"], samples_ms=samples,
+        sample_start_s=tuple(float(x) for x in raw.get("sample_start_s", ())),
+        warmup_ms=tuple(float(x) for x in raw["warmup_ms"]),
+        providers_used=tuple(raw.get("providers_used") or ()), metadata=dict(raw.get("metadata") or {}),
+        stats=summarize(samples), drift=detect_drift(samples),
+        profile=tuple(raw["profile"]) if raw.get("profile") is not None else None,
+        outputs=raw.get("outputs"),
+    )
+
+
+def build_report(result: dict[str, Any], specs: Sequence[ModelSpec], *, device: str,
+                 request: dict[str, Any]) -> BenchReport:
+    """Check the agent's answer and compute statistics, drift and speedups vs ``specs[0]``."""
+    raise_for_error(result, device)
+    raw_models = result.get("models") or []
+    if len(raw_models) != len(specs):
+        raise InternalError(f"agent on {device} returned {len(raw_models)} models for {len(specs)} requested")
+    models = tuple(_model_result(spec, raw) for spec, raw in zip(specs, raw_models))
+    if any(not m.samples_ms for m in models):
+        raise UserError(f"a model on {device} produced no timed samples; use --repeats >= 1")
+    interleaved = bool(request.get("interleave", True))
+    base = models[0]
+    speedups = tuple(
+        speedup(base.samples_ms, m.samples_ms, name=m.name, baseline_name=base.name,
+                paired=interleaved and len(m.samples_ms) == len(base.samples_ms))
+        for m in models[1:])
+    warnings = tuple(m.drift.message(m.name) for m in models if m.drift.drifting)
+    return BenchReport(device=device, env=dict(result.get("env") or {}), request=request, models=models,
+                       speedups=speedups, interleaved=interleaved, warnings=warnings)

@@ -1,0 +1,144 @@
+"""`edgeprune bench` end to end on this machine, through the real CLI dispatcher."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from _runner_models import matmul_chain
+from edgeprune.cli import main as cli_main
+from edgeprune.cli.bench_cmd import parse_affinity, parse_providers
+from edgeprune.errors import ParameterError
+
+HAS_FP16_PASS = importlib.util.find_spec("edgeprune.passes.fp16") is not None
+
+
+@pytest.fixture(autouse=True)
+def only_bench(monkeypatch):
+    """Dispatch through main() without loading the other teams' subcommand modules."""
+    assert "bench" in cli_main.COMMANDS
+    monkeypatch.setattr(cli_main, "COMMANDS", ("bench",))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    paths = {"a": d / "a.onnx", "b": d / "b.onnx", "half": d / "half.onnx"}
+    weights = matmul_chain(paths["a"], 32)
+    matmul_chain(paths["b"], 8)
+    matmul_chain(paths["half"], 16, dtype="float16")
+    return paths, weights
+
+
+def _bench(capsys, *argv):
+    code = cli_main.main(["bench", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_two_models_interleaved_with_json_and_csv(models, tmp_path, capsys):
+    paths, _ = models
+    code, out, err = _bench(capsys, paths["a"], paths["b"], "--free-dim", "batch=4", "--repeats", "9",
+                            "--warmup", "1", "--threads", "1", "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv")
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["a", "b"] and data["interleaved"]
+    assert [len(m["samples_ms"]) for m in data["models"]] == [9, 9]
+    assert data["speedups"][0]["paired"] and data["env"]["threads"] == 1
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + 2 * (1 + 9)
+    table = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in ("a", "b")]
+    assert table == ["a", "b"]
+
+
+def test_npz_inputs_and_time_budget(models, tmp_path, capsys):
+    paths, weights = models
+    x = np.ones((3, 32), dtype=np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    code, _, err = _bench(capsys, paths["a"], "--inputs", tmp_path / "in.npz", "--time-budget", "0.05",
+                          "--json", tmp_path / "r.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    m = data["models"][0]
+    assert m["inputs"] == {"x": [[3, 32], "float32"]} and len(m["samples_ms"]) >= 3
+    assert data["request"]["time_budget_s"] == 0.05 and data["request"]["repeats"] > 10**5
+
+
+def test_profile_prints_layers(models, capsys):
+    paths, _ = models
+    code, out, err = _bench(capsys, paths["a"], "--free-dim", "batch=2", "--repeats", "3", "--profile")
+    assert code == 0, err
+    layer_rows = [line.split()[:2] for line in out.splitlines() if line.strip().startswith("layer ")]
+    assert layer_rows == [["layer", "0"], ["layer", "1"]]
+
+
+def test_already_fp16_model_runs_as_is(models, tmp_path, capsys):
+    paths, _ = models
+    code, _, err = _bench(capsys, paths["half"], "--precision", "fp16", "--free-dim", "batch=2", "--repeats", "3",
+                          "--json", tmp_path / "r.json")
+    assert code == 0, err
+    (m,) = json.loads((tmp_path / "r.json").read_text())["models"]
+    assert m["precision"] == "fp16" and m["inputs"]["x"][1] == "float16" and m["source"] is None
+
+
+@pytest.mark.skipif(HAS_FP16_PASS, reason="edgeprune.passes.fp16 exists: see test_precision_both")
+def test_fp16_conversion_missing_is_a_clear_error(models, tmp_path, capsys):
+    paths, _ = models
+    code, _, err = _bench(capsys, paths["a"], "--precision", "both", "--json", tmp_path / "r.json")
+    assert code == 2 and "edgeprune rewrite --precision fp16" in _one_line_error(err)
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(not HAS_FP16_PASS, reason="needs edgeprune.passes.fp16 (rewrite issue)")
+def test_precision_both(models, tmp_path, capsys):
+    paths, weights = models
+    code, _, err = _bench(capsys, paths["a"], "--precision", "both", "--free-dim", "batch=2", "--repeats", "3",
+                          "--json", tmp_path / "r.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [(m["name"], m["precision"]) for m in data["models"]] == [("a-fp32", "fp32"), ("a-fp16", "fp16")]
+    assert data["models"][1]["source"] == str(paths["a"]) and data["speedups"][0]["baseline"] == "a-fp32"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["{missing}"], "does not exist"),
+    (["{a}"], "'batch'"),
+    (["{a}", "--free-dim", "batch=2", "--providers", "cuda"], "CUDAExecutionProvider"),
+    (["{a}", "--free-dim", "batch"], "KEY=VALUE"),
+    (["{a}", "--free-dim", "batch=2", "--affinity", "x-y"], "--affinity"),
+    (["{a}", "--free-dim", "batch=2", "--repeats", "0"], "--repeats"),
+    (["{half}", "--precision", "both"], "already fp16"),
+    (["{half}", "--precision", "fp32"], "already fp16"),
+    (["{a}", "--free-dim", "batch=2", "--device", "no-such-board-xyz"], "no-such-board-xyz"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_output(models, tmp_path, capsys, argv, needle):
+    paths, _ = models
+    names = {"missing": tmp_path / "nope.onnx", **{k: v for k, v in paths.items()}}
+    argv = [a.format(**names) for a in argv] + ["--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
+    code, _, err = _bench(capsys, *argv)
+    assert code == 2 and needle in _one_line_error(err)
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.csv").exists()
+
+
+def test_unwritable_output_fails_before_running(models, tmp_path, capsys):
+    paths, _ = models
+    code, _, err = _bench(capsys, paths["a"], "--free-dim", "batch=2", "--json", tmp_path / "no" / "r.json")
+    assert code == 2 and "does not exist" in _one_line_error(err) and "timing" not in err
+
+
+def test_parse_providers_and_affinity():
+    assert parse_providers("tensorrt,cuda,cpu", ["tensorrt:trt_fp16_enable=1", "trt_max_workspace_size=1024",
+                                                 "cuda:device_id=0"]) == (
+        ("TensorrtExecutionProvider", {"trt_fp16_enable": "1", "trt_max_workspace_size": "1024"}),
+        ("CUDAExecutionProvider", {"device_id": "0"}), ("CPUExecutionProvider", {}))
+    assert parse_providers(None, []) is None
+    with pytest.raises(ParameterError, match="not in --providers"):
+        parse_providers("cpu", ["cuda:device_id=0"])
+    assert parse_affinity("4-7,0") == (0, 4, 5, 6, 7) and parse_affinity(None) is None

@@ -1,0 +1,101 @@
+"""LocalRunner life cycle and the benchmark() Python API on real ONNX Runtime sessions."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from _runner_models import matmul_chain
+from edgeprune.errors import DeviceError, InternalError, ParameterError
+from edgeprune.runners.bench import BenchOptions, benchmark, build_request, open_runner, provider_name
+from edgeprune.runners.local import LocalRunner
+from edgeprune.runners.results import ModelSpec, build_report, raise_for_error
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A 64-wide and a 512-wide chain: the big one does 64x the FLOPs of the small one."""
+    d = tmp_path_factory.mktemp("local")
+    small, big = d / "small.onnx", d / "big.onnx"
+    matmul_chain(small, 64, layers=2)
+    matmul_chain(big, 512, layers=2)
+    return big, small
+
+
+def test_life_cycle_is_explicit(pair):
+    runner = LocalRunner()
+    with pytest.raises(InternalError, match="life cycle"):
+        runner.run({"models": []})
+    with runner:
+        assert runner.is_active
+        with pytest.raises(InternalError):
+            runner.activate()
+    assert not runner.is_active
+    with pytest.raises(InternalError):
+        runner.deactivate()
+
+
+def test_progress_callback_counts_runs(pair):
+    big, small = pair
+    seen = []
+    with LocalRunner(progress=lambda done, total: seen.append((done, total))) as runner:
+        res = runner.run(build_request([ModelSpec("a", str(small)), ModelSpec("b", str(small))],
+                                       BenchOptions(warmup=0, repeats=3, free_dims={"batch": 2})))
+    assert res["error"] is None and seen == [(i, 6) for i in range(1, 7)]
+
+
+def test_benchmark_reports_speedup_of_a_64x_smaller_model(pair):
+    big, small = pair
+    report = benchmark([big, small], BenchOptions(warmup=2, repeats=30, free_dims={"batch": 32}))
+    assert [m.name for m in report.models] == ["big", "small"] and report.interleaved
+    (sp,) = report.speedups
+    assert sp.name == "small" and sp.baseline == "big" and sp.paired
+    assert sp.ci_low <= sp.ratio <= sp.ci_high
+    assert sp.ci_low > 1.0        # 64x fewer FLOPs: faster beyond any noise
+    assert report.models[0].sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
+    for m in report.models:
+        assert m.stats.n == 30 and m.stats.median == float(np.median(m.samples_ms))
+        assert m.spec.precision == "fp32"
+
+
+def test_sequential_runs_use_unpaired_bootstrap(pair):
+    big, small = pair
+    report = benchmark([small, small], BenchOptions(warmup=0, repeats=5, interleave=False, free_dims={"batch": 1}))
+    assert not report.interleaved and not report.speedups[0].paired
+    assert [m.name for m in report.models] == ["small", "small#2"]
+
+
+def test_agent_errors_become_user_errors(pair):
+    big, _ = pair
+    with pytest.raises(DeviceError, match="MissingProvider"):
+        benchmark([big], BenchOptions(providers=(("CUDAExecutionProvider", {}),), free_dims={"batch": 1}))
+    with pytest.raises(ParameterError, match="batch"):
+        benchmark([big], BenchOptions(repeats=2))
+    with pytest.raises(InternalError, match="protocol version"):
+        raise_for_error({"agent_version": 99}, "board")
+
+
+def test_options_are_validated():
+    with pytest.raises(ParameterError, match="--repeats"):
+        BenchOptions(repeats=0).validate()
+    with pytest.raises(ParameterError, match="--time-budget"):
+        BenchOptions(time_budget_s=-1.0).validate()
+    with pytest.raises(ParameterError, match="--free-dim"):
+        BenchOptions(free_dims={"batch": 0}).validate()
+
+
+def test_provider_aliases_and_local_device():
+    assert provider_name("cuda") == "CUDAExecutionProvider" and provider_name("trt") == "TensorrtExecutionProvider"
+    assert provider_name("MyExecutionProvider") == "MyExecutionProvider"
+    runner, options = open_runner("local", BenchOptions())
+    assert isinstance(runner, LocalRunner) and options == BenchOptions()
+
+
+def test_build_report_rejects_mismatched_answers(pair):
+    big, _ = pair
+    with LocalRunner() as runner:
+        req = build_request([ModelSpec("big", str(big))], BenchOptions(repeats=3, free_dims={"batch": 1}))
+        res = runner.run(req)
+    with pytest.raises(InternalError, match="returned 1 models for 2"):
+        build_report(res, [ModelSpec("a", str(big)), ModelSpec("b", str(big))], device="local", request=req)
