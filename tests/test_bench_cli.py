@@ -16,9 +16,10 @@ HAS_FP16_PASS = importlib.util.find_spec("edgeprune.passes.fp16") is not None
 
 
 @pytest.fixture(autouse=True)
-def only_bench(monkeypatch):
-    """Dispatch through main() without loading the other teams' subcommand modules."""
+def only_bench(monkeypatch, tmp_path):
+    """Dispatch through main() without loading the other teams' subcommand modules; no user profiles."""
     assert "bench" in cli_main.COMMANDS
+    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setattr(cli_main, "COMMANDS", ("bench",))
 
 
@@ -142,3 +143,27 @@ def test_parse_providers_and_affinity():
     with pytest.raises(ParameterError, match="not in --providers"):
         parse_providers("cpu", ["cuda:device_id=0"])
     assert parse_affinity("4-7,0") == (0, 4, 5, 6, 7) and parse_affinity(None) is None
+
+
+def test_runs_without_onnx_or_torch(models, tmp_path):
+    """The board-side install: numpy + onnxruntime only. onnx/torch/onnxsim imports must fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    paths, _ = models
+    script = (
+        "import sys\n"
+        "for m in ('onnx', 'torch', 'onnxsim', 'onnx_graphsurgeon', 'onnxscript'): sys.modules[m] = None\n"
+        "from edgeprune.cli import main\n"
+        "main.COMMANDS = ('bench',)\n"
+        f"code = main.main(['bench', {str(paths['a'])!r}, '--free-dim', 'batch=1', '--repeats', '3',"
+        f" '--json', {str(tmp_path / 'r.json')!r}])\n"
+        "assert not any(sys.modules.get(m) for m in ('onnx', 'torch')), 'heavy module imported'\n"
+        "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1],
+                          env={"EDGEPRUNE_CONFIG_DIR": str(tmp_path / "config"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    (m,) = json.loads((tmp_path / "r.json").read_text())["models"]
+    assert m["precision"] is None and len(m["samples_ms"]) == 3

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
 
 from _runner_models import matmul_chain
 from edgeprune.errors import DeviceError, InternalError, ParameterError
-from edgeprune.runners.bench import BenchOptions, benchmark, build_request, open_runner, provider_name
+from edgeprune.runners.bench import BenchOptions, benchmark, build_request, open_runner, provider_name, run_bench
 from edgeprune.runners.local import LocalRunner
 from edgeprune.runners.results import ModelSpec, build_report, raise_for_error
+
+
+@pytest.fixture(autouse=True)
+def no_user_profiles(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +91,26 @@ def test_options_are_validated():
         BenchOptions(free_dims={"batch": 0}).validate()
 
 
-def test_provider_aliases_and_local_device():
+def test_provider_aliases():
     assert provider_name("cuda") == "CUDAExecutionProvider" and provider_name("trt") == "TensorrtExecutionProvider"
     assert provider_name("MyExecutionProvider") == "MyExecutionProvider"
+
+
+def test_local_device_takes_defaults_from_the_local_profile(pair, tmp_path, monkeypatch):
+    big, small = pair
     runner, options = open_runner("local", BenchOptions())
-    assert isinstance(runner, LocalRunner) and options == BenchOptions()
+    assert isinstance(runner, LocalRunner)
+    assert options.providers == (("CPUExecutionProvider", {}),) and options.threads is None
+    (tmp_path / "config" / "devices").mkdir(parents=True)
+    (tmp_path / "config" / "devices" / "local.json").write_text(json.dumps({"transport": "local", "threads": 1}))
+    _, options = open_runner("local", BenchOptions())
+    assert options.threads == 1
+    _, options = open_runner("local", BenchOptions(threads=2))      # the command line wins
+    assert options.threads == 2
+    runner, options = open_runner("local", BenchOptions(repeats=2, free_dims={"batch": 1}))
+    with runner:
+        report = run_bench([ModelSpec("small", str(small))], options, runner)
+    assert report.env["threads"] == 1 and report.request["threads"] == 1
 
 
 def test_build_report_rejects_mismatched_answers(pair):

@@ -19,7 +19,9 @@ def report(tmp_path_factory):
     a, b = d / "a.onnx", d / "b.onnx"
     matmul_chain(a, 48, layers=2)
     matmul_chain(b, 16, layers=2)
-    return benchmark([a, b], BenchOptions(warmup=2, repeats=12, threads=1, free_dims={"batch": 2}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEPRUNE_CONFIG_DIR", str(d / "config"))      # no user profile for "local"
+        return benchmark([a, b], BenchOptions(warmup=2, repeats=12, threads=1, free_dims={"batch": 2}))
 
 
 def test_json_round_trip_has_raw_samples_and_environment(report, tmp_path):

@@ -7,15 +7,14 @@ This is what ``edgeprune bench`` does, callable from Python::
     report.speedups[0].ratio, report.speedups[0].ci_low, report.speedups[0].ci_high
 
 Any runner with ``run(request) -> result`` inside ``with`` works: :class:`LocalRunner` here,
-the SSH runner from ``edgeprune.devices.get_runner`` on a board.
+the runner from ``edgeprune.devices.get_runner`` for a board (see :func:`open_runner`).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -122,37 +121,49 @@ def run_bench(specs: Sequence[ModelSpec], options: BenchOptions, runner: Runner,
 
 
 def benchmark(paths: Sequence[str | Path], options: BenchOptions = BenchOptions(), *,
-              precision: str | None = None, runner: Runner | None = None,
-              device: str = "local") -> BenchReport:
-    """Benchmark model files (plus their fp16 variants per ``precision``) on ``runner``.
+              precision: str | None = None, device: str = "local",
+              progress: Callable[[int, int], None] | None = None) -> BenchReport:
+    """Benchmark model files (plus their fp16 variants per ``precision``) on ``device``.
 
-    Without a runner, a :class:`~edgeprune.runners.local.LocalRunner` times them here.
+    ``device`` is ``local`` (this machine, in this process) or a device profile name or path;
+    unset providers/threads/affinity come from its profile, as on the command line.
     """
-    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp, contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         specs = plan_models(paths, precision, Path(tmp))
-        if runner is None:
-            from edgeprune.runners.local import LocalRunner
+        runner, options = open_runner(device, options.validate(), progress)
+        with runner:
+            return run_bench(specs, options, runner, device)
 
-            runner = stack.enter_context(LocalRunner())
-        return run_bench(specs, options, runner, device)
+
+def with_device_defaults(options: BenchOptions, profile: Any) -> BenchOptions:
+    """Fill providers/threads/affinity the user left unset from a device profile."""
+    return replace(
+        options,
+        providers=options.providers if options.providers is not None else tuple(profile.providers),
+        threads=options.threads if options.threads is not None else profile.threads,
+        affinity=options.affinity if options.affinity is not None else profile.affinity,
+    )
 
 
 def open_runner(device: str, options: BenchOptions,
                 progress: Callable[[int, int], None] | None = None) -> tuple[Any, BenchOptions]:
     """An inactive runner for ``device`` and the options completed with the device's defaults.
 
-    ``local`` is this machine (:class:`LocalRunner`); any other name or path is a device profile
-    resolved by ``edgeprune.devices`` whose providers, threads and affinity fill the options the
-    user left unset.
+    ``local`` is this machine, in this process (:class:`LocalRunner`, defaults from the
+    ``local`` profile, which a user file may override); any other name or profile path goes
+    through ``edgeprune.devices.get_runner``.
     """
+    from edgeprune.devices.profile import load_profile
+
+    profile = load_profile(device)
+    options = with_device_defaults(options, profile)
     if device == "local":
         from edgeprune.runners.local import LocalRunner
 
         return LocalRunner(progress=progress), options
     try:
-        devices = importlib.import_module("edgeprune.devices")
-        get_runner = devices.get_runner
-    except (ImportError, AttributeError) as exc:
-        raise DeviceError(f"--device {device}: remote devices are not available in this installation "
+        get_runner = importlib.import_module("edgeprune.devices").get_runner
+    except AttributeError as exc:
+        raise DeviceError(f"--device {device}: remote runners are not part of this installation yet "
                           f"({exc}); use --device local") from exc
-    return get_runner(device), options
+    return get_runner(profile), options
