@@ -1,0 +1,262 @@
+"""torch -> ONNX export that a user can trust: checked, simplified, structured, validated.
+
+Steps of :func:`export_onnx`, all in a private staging directory next to the output so a
+failure at any step leaves no output file (not even external data):
+
+1. check options and the output path (before any long work);
+2. export ``StructureCapture(model)`` with the TorchScript or dynamo exporter, static
+   shapes, batch ``batch``: the model's outputs plus the decoder's internal tensors as extra
+   outputs (see :mod:`edgeprune.export.capture`);
+3. simplify with onnxsim while those extras are graph outputs, so their names survive;
+4. demote the extras and record the decoder structure in ``metadata_props``
+   (:mod:`edgeprune.export.decoder_map`);
+5. save (external data beside the model when the weights exceed 2 GB), run
+   ``onnx.checker``, load in ONNX Runtime, compare with PyTorch on seeded inputs;
+6. move the files into place (:func:`edgeprune.io.atomic_path`).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeprune import _lazy
+from edgeprune.errors import InternalError, ParameterError
+from edgeprune.export import record
+from edgeprune.export.record import PlannedExtra
+from edgeprune.export.decoder_map import DecoderMap, missing_tensors, read_decoder_map, write_decoder_map
+from edgeprune.export.native_output import native_output_to_debug_log
+from edgeprune.export.simplify import simplify_model
+from edgeprune.export.validate import (DEFAULT_TOLERANCE, ExportValidationError, ValidationReport,
+                                       ort_session, validate_against_torch)
+from edgeprune.io import atomic_path, check_writable
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
+# TorchScript stops at 20 in torch 2.13; dynamo's Split (num_outputs) needs 18.
+OPSET_RANGE = {"torchscript": (7, 20), "dynamo": (18, 23)}
+PROTOBUF_LIMIT = 2**31 - 1
+_GRAPH_MARGIN = 2**26          # room for nodes and names beside the weights
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Checked export settings (see :func:`resolve_options`)."""
+
+    exporter: str
+    opset: int
+    batch: int
+    tolerance: float
+
+
+def resolve_options(exporter: str = "torchscript", opset: int | None = None, batch: int = 1,
+                    tolerance: float = DEFAULT_TOLERANCE) -> ExportOptions:
+    """Validate settings before any work; every refusal says what to use instead."""
+    if exporter not in EXPORTERS:
+        raise ParameterError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ParameterError(f"batch must be an integer >= 1 (got {batch!r}); use e.g. --batch 1")
+    low, high = OPSET_RANGE[exporter]
+    opset = DEFAULT_OPSET[exporter] if opset is None else opset
+    if exporter == "dynamo" and opset < low:
+        raise ParameterError(f"the dynamo exporter needs opset >= {low} (got {opset}): below 18 it writes "
+                             f"Split with the opset-18 attribute num_outputs, an invalid model; "
+                             f"use --opset {low} or --exporter torchscript")
+    if not low <= opset <= high:
+        raise ParameterError(f"opset {opset} is not supported by the {exporter} exporter; use {low}..{high}")
+    if not tolerance > 0:
+        raise ParameterError(f"tolerance must be > 0 (got {tolerance}); the default is {DEFAULT_TOLERANCE:g}")
+    return ExportOptions(exporter, opset, batch, float(tolerance))
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and how it checked it."""
+
+    path: Path
+    exporter: str
+    opset: int
+    batch: int
+    size_bytes: int                      # model file + external data
+    external_data: Path | None           # the ``<name>.data`` file, if weights were stored outside
+    num_nodes: int
+    op_counts: tuple[tuple[str, int], ...]
+    simplify_note: str
+    decoder_map: DecoderMap | None
+    validation: ValidationReport | None
+    seconds: float
+    phase_seconds: tuple[tuple[str, float], ...] = field(default=())
+
+    def summary(self) -> str:
+        """One line: path, size, op count, time."""
+        ext = f" + external data {self.external_data.name}" if self.external_data else ""
+        return (f"wrote {self.path} ({self.size_bytes / 1e6:.1f} MB{ext}, {self.num_nodes} ops, "
+                f"{self.exporter} opset {self.opset}, batch {self.batch}) in {self.seconds:.1f} s")
+
+
+def export_onnx(model: Any, path: str | os.PathLike, *, exporter: str = "torchscript", opset: int | None = None,
+                batch: int = 1, seed: int = 0, simplify: bool = True, record_structure: bool = True,
+                validate: bool = True, tolerance: float = DEFAULT_TOLERANCE,
+                external_data: bool | None = None) -> ExportReport:
+    """Export ``model`` to ``path`` and check it; see the module docstring for the steps.
+
+    ``model`` follows :class:`edgeprune.models.exportable.ExportableModel`: ``forward(*inputs)``
+    returns its outputs, ``example_inputs(batch, seed)`` gives named inputs, and
+    ``output_names()`` names the outputs; ``.head`` (a PETRHead) enables the decoder map.
+    ``external_data=None`` stores weights outside only above 2 GB. With ``validate=False``
+    the comparison still runs and is reported but a failure does not raise.
+    Raises ParameterError / OutputPathError before work, ExportValidationError on mismatch.
+    """
+    opts = resolve_options(exporter, opset, batch, tolerance)
+    target = check_writable(path)
+    started = time.perf_counter()
+    phases: list[tuple[str, float]] = []
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staged, dmap, note = _build_staged(model, target.name, staging, opts, seed, simplify,
+                                           record_structure, external_data, phases)
+        report = _check_staged(model, staged, opts, seed, validate, phases)
+        final_data = _commit(staged, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _report(target, final_data, opts, note, dmap, report, time.perf_counter() - started, phases)
+
+
+def _timed(phases: list[tuple[str, float]], name: str, started: float) -> None:
+    phases.append((name, time.perf_counter() - started))
+
+
+def _build_staged(model: Any, name: str, staging: Path, opts: ExportOptions, seed: int, simplify: bool,
+                  record_structure: bool, external_data: bool | None,
+                  phases: list[tuple[str, float]]) -> tuple[Path, DecoderMap | None, str]:
+    """Steps 2-4 and the save: returns (staged model path, decoder map, simplify note)."""
+    torch = _lazy.require("torch")
+    from edgeprune.export.capture import StructureCapture
+    model.eval()
+    inputs = model.example_inputs(batch=opts.batch, seed=seed)
+    output_names = list(model.output_names())
+    with StructureCapture(model) as wrapper:
+        plan = wrapper.plan(inputs, output_names) if record_structure else ()
+        t0 = time.perf_counter()
+        proto = _torch_export(torch, wrapper if plan else model, inputs, output_names, plan, staging, opts)
+        _timed(phases, "export", t0)
+    t0 = time.perf_counter()
+    size = record.model_nbytes(proto)
+    result = simplify_model(proto, enabled=simplify, size_bytes=size)
+    proto = result.model
+    _timed(phases, "simplify", t0)
+    dmap = None
+    if plan:
+        dmap = _record_structure(proto, plan, model, list(inputs), output_names, opts)
+    staged = staging / name
+    external = size > PROTOBUF_LIMIT - _GRAPH_MARGIN if external_data is None else external_data
+    _save(proto, staged, external)
+    return staged, dmap, result.note
+
+
+def _torch_export(torch: Any, module: Any, inputs: dict[str, Any], output_names: list[str],
+                  plan: tuple[PlannedExtra, ...], staging: Path, opts: ExportOptions) -> Any:
+    """Run torch.onnx.export into ``staging`` and load the result (with any external data)."""
+    onnx = _lazy.require("onnx")
+    if opts.exporter == "dynamo":
+        _lazy.require("onnxscript")
+    names = output_names + [p.name for p in plan if p.kind == "output"]
+    raw = staging / "exported.onnx"
+    log.info("exporting with the %s exporter (opset %d, batch %d, %d outputs)", opts.exporter, opts.opset,
+             opts.batch, len(names))
+    kwargs: dict[str, Any] = dict(input_names=list(inputs), output_names=names, opset_version=opts.opset)
+    if opts.exporter == "dynamo":
+        kwargs.update(dynamo=True, optimize=True, report=False, verify=False, artifacts_dir=str(staging))
+    else:
+        kwargs.update(dynamo=False, do_constant_folding=True)
+    try:
+        with native_output_to_debug_log(f"torch.onnx.export ({opts.exporter})"), torch.no_grad():
+            torch.onnx.export(module, tuple(inputs.values()), str(raw), **kwargs)
+    except Exception as exc:  # the exporters raise many unrelated types; keep the cause
+        raise InternalError(f"torch.onnx.export with the {opts.exporter} exporter failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    return onnx.load(str(raw), load_external_data=True)
+
+
+def _record_structure(proto: Any, plan: tuple[PlannedExtra, ...], model: Any, input_names: list[str],
+                      output_names: list[str], opts: ExportOptions) -> DecoderMap | None:
+    """Demote the extra outputs and write the decoder map into ``proto``."""
+    from edgeprune.export.capture import describe_head
+    exported = [p.name for p in plan if p.kind == "output"]
+    resolved = record.demote_outputs(proto, exported)
+    dmap = record.build_decoder_map(proto, plan, resolved, describe_head(model), input_names, output_names,
+                                    opts.exporter, opts.batch)
+    if dmap is None:
+        return None
+    missing = missing_tensors(proto, dmap)
+    if missing:
+        raise InternalError(f"decoder map names tensors the graph lacks: {missing}")
+    write_decoder_map(proto, dmap)
+    log.info("recorded decoder structure: %d layers, %d queries, %d keys%s", dmap.num_layers,
+             dmap.num_queries, dmap.num_keys, "" if dmap.probs_present else " (attention probabilities absent)")
+    return dmap
+
+
+def _save(proto: Any, staged: Path, external: bool) -> None:
+    """Write ``proto``; with ``external`` the weights go to ``<name>.data`` beside it."""
+    onnx = _lazy.require("onnx")
+    if external:
+        log.info("weights exceed the 2 GB protobuf limit: saving them to %s.data", staged.name)
+        onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{staged.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(staged))
+
+
+def _check_staged(model: Any, staged: Path, opts: ExportOptions, seed: int, validate: bool,
+                  phases: list[tuple[str, float]]) -> ValidationReport:
+    """onnx.checker, ONNX Runtime load, comparison with torch on inputs of seed ``seed + 1``."""
+    onnx = _lazy.require("onnx")
+    t0 = time.perf_counter()
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+        session = ort_session(staged)
+    except Exception as exc:  # checker and ORT raise their own exception types
+        raise InternalError(f"the exported model is invalid ({type(exc).__name__}: {exc})") from exc
+    log.info("onnx.checker passed; ONNX Runtime loaded the model")
+    report = validate_against_torch(model, session, batch=opts.batch, seed=seed + 1, tolerance=opts.tolerance)
+    _timed(phases, "validate", t0)
+    if not report.passed:
+        if validate:
+            raise ExportValidationError(report, "the exported model")
+        log.warning("validation failed but --no-validate was given: keeping the model")
+    return report
+
+
+def _commit(staged: Path, target: Path) -> Path | None:
+    """Move the staged model (and external data) onto ``target``; returns the data path."""
+    data = staged.with_name(staged.name + ".data")
+    final_data = None
+    if data.exists():
+        final_data = target.with_name(target.name + ".data")
+        with atomic_path(final_data) as tmp:
+            os.replace(data, tmp)
+    with atomic_path(target) as tmp:
+        os.replace(staged, tmp)
+    return final_data
+
+
+def _report(target: Path, data: Path | None, opts: ExportOptions, note: str, dmap: DecoderMap | None,
+            validation: ValidationReport, seconds: float, phases: list[tuple[str, float]]) -> ExportReport:
+    onnx = _lazy.require("onnx")
+    saved = onnx.load(str(target), load_external_data=False)
+    ops = collections.Counter(node.op_type for node in saved.graph.node)
+    size = target.stat().st_size + (data.stat().st_size if data else 0)
+    if dmap is not None and read_decoder_map(saved) != dmap:
+        raise InternalError("the decoder map read back from the saved model differs from the one written")
+    return ExportReport(target, opts.exporter, opts.opset, opts.batch, size, data, len(saved.graph.node),
+                        tuple(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))), note, dmap, validation,
+                        seconds, tuple(phases))

@@ -1,0 +1,319 @@
+"""Turn the exporter's extra graph outputs into a :class:`DecoderMap` (ONNX side, no torch).
+
+After simplification the extras (``edgeprune.l0.cross_attn_probs`` ...) are demoted: removed
+from ``graph.output``, resolved to the tensor that really carries the value (through
+``Identity`` nodes, and through view nodes that only fed the extra output, e.g. the
+``Reshape`` of ``nn.MultiheadAttention``'s ``[B*h, Nq, Nk]`` weights), and the nodes nobody
+needs any more are removed. What remains is the exporter's graph with recorded names that
+are real tensors of it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from edgeprune import _lazy
+from edgeprune.errors import InternalError
+from edgeprune.export.decoder_map import DecoderMap, LayerMap, QueryTensor, TensorRef
+
+log = logging.getLogger(__name__)
+
+ALIAS_OPS = frozenset({"Identity"})
+VIEW_OPS = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+_LIGHT_INITIALIZER_BYTES = 4096
+
+PREFIX = "edgeprune."
+LAYER_ROLES = ("cross_attn_probs", "logits", "key_input", "value_input")
+GLOBAL_ROLES = ("memory", "key_pos", "key_padding_mask")
+
+
+def extra_name(role: str, layer: int | None = None) -> str:
+    """``edgeprune.l3.logits`` / ``edgeprune.memory``."""
+    return f"{PREFIX}{role}" if layer is None else f"{PREFIX}l{layer}.{role}"
+
+
+@dataclass(frozen=True)
+class PlannedExtra:
+    """How one extra tensor reaches the graph.
+
+    ``kind``: ``"output"`` (exported as graph output ``name``), ``"alias"`` (same tensor as
+    graph input / output / earlier extra ``target``) or ``"absent"`` (the model has none).
+    """
+
+    name: str
+    kind: str
+    target: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class HeadFacts:
+    """What the graph cannot tell about the head: configuration read from the torch model."""
+
+    num_heads: int | None
+    num_learned_queries: int | None
+    attention: str                     # "manual" | "torch" | "unknown"
+    scope: str
+    preset: str | None
+    other_dims: tuple[int, ...]        # sizes that could be confused with a query count
+
+
+def _subgraph_inputs(node: Any) -> Iterator[str]:
+    """Inputs read by nodes of If/Loop/Scan bodies (kept alive like direct inputs)."""
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in graph.node:
+                yield from inner.input
+                yield from _subgraph_inputs(inner)
+
+
+def live_node_ids(graph: Any) -> set[int]:
+    """Indices of nodes that contribute to some graph output."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    needed = [o.name for o in graph.output]
+    live: set[int] = set()
+    while needed:
+        index = producer.get(needed.pop())
+        if index is None or index in live:
+            continue
+        live.add(index)
+        node = graph.node[index]
+        needed.extend(n for n in node.input if n)
+        needed.extend(_subgraph_inputs(node))
+    return live
+
+
+def _resolve(name: str, graph: Any, live: set[int]) -> str | None:
+    """The live tensor holding ``name``'s value, walking up aliases and dead view nodes."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    current = name
+    for _ in range(len(graph.node) + 1):
+        index = producer.get(current)
+        if index is None:                          # graph input or initializer
+            return current
+        node = graph.node[index]
+        if node.op_type in ALIAS_OPS or (index not in live and node.op_type in VIEW_OPS):
+            current = node.input[0]
+            continue
+        return current if index in live else None
+    raise InternalError(f"cycle while resolving {name!r} in the exported graph")
+
+
+def remove_dead_nodes(graph: Any) -> int:
+    """Drop nodes no output needs and initializers no node reads; returns nodes removed."""
+    live = live_node_ids(graph)
+    kept = [node for i, node in enumerate(graph.node) if i in live]
+    removed = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {n for node in kept for n in node.input} | {o.name for o in graph.output}
+    used.update(n for node in kept for n in _subgraph_inputs(node))
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return removed
+
+
+def demote_outputs(model: Any, names: Sequence[str]) -> dict[str, str | None]:
+    """Remove graph outputs ``names``; return ``{name: tensor now holding it, or None}``.
+
+    None means the value was computed only for that output; its nodes are removed.
+    """
+    graph = model.graph
+    wanted = set(names)
+    kept = [o for o in graph.output if o.name not in wanted]
+    del graph.output[:]
+    graph.output.extend(kept)
+    live = live_node_ids(graph)
+    resolved = {name: _resolve(name, graph, live) for name in names}
+    removed = remove_dead_nodes(graph)
+    log.debug("demoted %d extra outputs, removed %d nodes only they needed", len(names), removed)
+    return resolved
+
+
+def _light_copy(model: Any) -> Any:
+    """The graph with big initializers turned into typed inputs (shape inference ignores data)."""
+    onnx = _lazy.require("onnx")
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.node.extend(model.graph.node)
+    for tensor in model.graph.initializer:
+        if tensor_nbytes(tensor) <= _LIGHT_INITIALIZER_BYTES:
+            graph.initializer.append(tensor)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return light
+
+
+def _dims(value_info: Any) -> tuple[int, ...] | None:
+    shape = value_info.type.tensor_type.shape
+    if not value_info.type.tensor_type.HasField("shape"):
+        return None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in shape.dim)
+    return None if -1 in dims else dims
+
+
+def tensor_shapes(model: Any, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Static shapes of ``names`` (inputs, initializers, Constant outputs, inferred values)."""
+    onnx = _lazy.require("onnx")
+    wanted = set(names)
+    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in model.graph.initializer if t.name in wanted}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in wanted and node.attribute[0].name == "value":
+            shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
+    inferred = onnx.shape_inference.infer_shapes(_light_copy(model)).graph
+    for info in list(inferred.input) + list(inferred.output) + list(inferred.value_info):
+        dims = _dims(info)
+        if info.name in wanted and info.name not in shapes and dims is not None:
+            shapes[info.name] = dims
+    return shapes
+
+
+def tensor_nbytes(tensor: Any) -> int:
+    """Bytes of an initializer's data (from dims and type; works for external data too)."""
+    onnx = _lazy.require("onnx")
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def model_nbytes(model: Any) -> int:
+    """Weight bytes of a model: initializers plus Constant node tensors."""
+    total = sum(tensor_nbytes(t) for t in model.graph.initializer)
+    total += sum(tensor_nbytes(node.attribute[0].t) for node in model.graph.node
+                 if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value")
+    return total
+
+
+def _constants(model: Any) -> Iterator[tuple[str, Any, str]]:
+    """(name, TensorProto, kind) of every initializer and Constant node value."""
+    for tensor in model.graph.initializer:
+        yield tensor.name, tensor, "initializer"
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            yield node.output[0], node.attribute[0].t, "constant"
+
+
+def find_query_tensors(model: Any, counts: Sequence[int]) -> tuple[tuple[QueryTensor, ...], tuple[str, ...]]:
+    """Constants with an axis of one of ``counts`` (queries) and int64 shape constants holding one.
+
+    Matching is by size, so a count equal to another model dimension also matches that
+    dimension's tensors; the exporter notes when counts collide.
+    """
+    numpy_helper = _lazy.require("onnx.numpy_helper")
+    onnx = _lazy.require("onnx")
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.BFLOAT16}
+    tensors, shape_consts = [], []
+    for name, tensor, kind in _constants(model):
+        dims = tuple(tensor.dims)
+        if tensor.data_type in float_types:
+            for axis, size in enumerate(dims):
+                if size in counts:
+                    tensors.append(QueryTensor(name, dims, axis, size, kind))
+                    break
+        elif tensor.data_type == onnx.TensorProto.INT64 and len(dims) == 1 and 0 < dims[0] <= 8:
+            if any(int(v) in counts for v in numpy_helper.to_array(tensor)):
+                shape_consts.append(name)
+    return tuple(tensors), tuple(shape_consts)
+
+
+def tensor_ref(name: str | None, shapes: Mapping[str, tuple[int, ...]]) -> TensorRef | None:
+    """A :class:`TensorRef` for ``name`` (None stays None); a missing shape is our bug."""
+    if name is None:
+        return None
+    if name not in shapes:
+        raise InternalError(f"no static shape for recorded tensor {name!r}")
+    return TensorRef(name, shapes[name])
+
+
+def _real_names(plan: Sequence[PlannedExtra], resolved: Mapping[str, str | None]) -> dict[str, str | None]:
+    """Extra name -> the graph tensor now holding it (aliases followed), or None."""
+    names: dict[str, str | None] = {}
+    for extra in plan:
+        if extra.kind == "output":
+            names[extra.name] = resolved.get(extra.name)
+        elif extra.kind == "alias" and extra.target is not None:
+            names[extra.name] = names.get(extra.target, extra.target)
+        else:
+            names[extra.name] = None
+    return names
+
+
+def _probs_layout(ref: TensorRef | None) -> str | None:
+    if ref is None:
+        return None
+    return {4: "BHQK", 3: "(BH)QK"}.get(len(ref.shape), "unknown")
+
+
+def _check_shapes(plan: Sequence[PlannedExtra], names: Mapping[str, str | None],
+                  shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """A tensor recorded under its own extra name must have the shape torch produced."""
+    for extra in plan:
+        if extra.kind == "output" and names.get(extra.name) == extra.name and shapes.get(extra.name) != extra.shape:
+            raise InternalError(f"{extra.name}: graph shape {shapes.get(extra.name)} != torch shape {extra.shape}")
+
+
+def _layers(names: Mapping[str, str | None], shapes: Mapping[str, tuple[int, ...]], count: int) -> tuple[LayerMap, ...]:
+    layers = []
+    for index in range(count):
+        def ref(role: str) -> TensorRef | None:
+            return tensor_ref(names.get(extra_name(role, index)), shapes)
+        probs = ref("cross_attn_probs")
+        layers.append(LayerMap(index, probs, _probs_layout(probs), ref("key_input"), ref("value_input"), ref("logits")))
+    return tuple(layers)
+
+
+def build_decoder_map(model: Any, plan: Sequence[PlannedExtra], resolved: Mapping[str, str | None],
+                      facts: HeadFacts, input_names: Sequence[str], output_names: Sequence[str],
+                      exporter: str, batch: int) -> DecoderMap | None:
+    """Assemble the :class:`DecoderMap` of a graph whose extras were demoted by :func:`demote_outputs`."""
+    names = _real_names(plan, resolved)
+    count = sum(1 for extra in plan if extra.name.endswith(".logits"))
+    if count == 0:
+        log.warning("the head returned no per-layer logits: no decoder map recorded")
+        return None
+    shapes = tensor_shapes(model, [n for n in names.values() if n])
+    _check_shapes(plan, names, shapes)
+    layers = _layers(names, shapes, count)
+    if layers[0].logits is None:
+        raise InternalError("layer 0 logits were recorded but are not in the graph")
+    *lead, classes = layers[0].logits.shape                 # [B, Nq, C] or folded [B*Nq, C]
+    nq = int(np.prod(lead)) // batch
+    memory = tensor_ref(names.get(extra_name("memory")), shapes)
+    keys_ref = memory or layers[0].key_input or layers[0].value_input
+    probs = layers[0].cross_attn_probs
+    num_keys = keys_ref.shape[-2] if keys_ref else (probs.shape[-1] if probs else -1)
+    embed = keys_ref.shape[-1] if keys_ref else -1
+    heads = facts.num_heads or (probs.shape[1] if probs and len(probs.shape) == 4 else -1)
+    learned = facts.num_learned_queries or nq
+    counts = sorted({nq, learned})
+    query_tensors, shape_consts = find_query_tensors(model, counts)
+    notes = _notes(layers, counts, facts.other_dims + (num_keys, batch))
+    return DecoderMap(num_layers=count, num_queries=nq, num_learned_queries=learned, num_keys=num_keys,
+                      num_heads=heads, embed_dims=embed, num_classes=classes, batch=batch, scope=facts.scope,
+                      exporter=exporter, attention=facts.attention, inputs=tuple(input_names),
+                      outputs=tuple(output_names), memory=memory,
+                      key_pos=tensor_ref(names.get(extra_name("key_pos")), shapes),
+                      key_padding_mask=tensor_ref(names.get(extra_name("key_padding_mask")), shapes),
+                      layers=layers, query_tensors=query_tensors, query_shape_constants=shape_consts,
+                      preset=facts.preset, notes=notes)
+
+
+def _notes(layers: Sequence[LayerMap], counts: Sequence[int], other_dims: Sequence[int]) -> tuple[str, ...]:
+    notes = []
+    if any(layer.cross_attn_probs is None for layer in layers):
+        notes.append("cross-attention probabilities are not a separate tensor in this graph; "
+                     "discovery must recompute them")
+    clash = sorted(set(counts) & set(other_dims))
+    if clash:
+        notes.append(f"query count(s) {clash} equal another model dimension: query_tensors may list "
+                     "tensors whose matching axis is not the query axis")
+    return tuple(notes)
