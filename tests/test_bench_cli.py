@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -89,8 +90,9 @@ def test_already_fp16_model_runs_as_is(models, tmp_path, capsys):
     assert m["precision"] == "fp16" and m["inputs"]["x"][1] == "float16" and m["source"] is None
 
 
-@pytest.mark.skipif(HAS_FP16_PASS, reason="edgeprune.passes.fp16 exists: see test_precision_both")
-def test_fp16_conversion_missing_is_a_clear_error(models, tmp_path, capsys):
+def test_fp16_conversion_missing_is_a_clear_error(models, tmp_path, capsys, monkeypatch):
+    """An installation without the rewrite issue's converter (simulated: import blocked)."""
+    monkeypatch.setitem(sys.modules, "edgeprune.passes.fp16", None)
     paths, _ = models
     code, _, err = _bench(capsys, paths["a"], "--precision", "both", "--json", tmp_path / "r.json")
     assert code == 2 and "edgeprune rewrite --precision fp16" in _one_line_error(err)
@@ -148,7 +150,6 @@ def test_parse_providers_and_affinity():
 def test_runs_without_onnx_or_torch(models, tmp_path):
     """The board-side install: numpy + onnxruntime only. onnx/torch/onnxsim imports must fail."""
     import subprocess
-    import sys
     from pathlib import Path
 
     paths, _ = models
@@ -167,3 +168,29 @@ def test_runs_without_onnx_or_torch(models, tmp_path):
     assert proc.returncode == 0, proc.stderr
     (m,) = json.loads((tmp_path / "r.json").read_text())["models"]
     assert m["precision"] is None and len(m["samples_ms"]) == 3
+
+
+def test_device_profile_path_sets_defaults(models, tmp_path, capsys):
+    paths, _ = models
+    profile = tmp_path / "box.json"
+    profile.write_text(json.dumps({"transport": "local", "threads": 1, "providers": [["CPUExecutionProvider", {}]]}))
+    code, _, err = _bench(capsys, paths["b"], "--device", profile, "--free-dim", "batch=1", "--repeats", "3",
+                          "--json", tmp_path / "r.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["device"] == "box" and data["env"]["threads"] == 1 and data["request"]["threads"] == 1
+
+
+@pytest.mark.skipif(not HAS_FP16_PASS, reason="needs edgeprune.passes.fp16 (rewrite issue)")
+def test_precision_detection_agrees_with_the_converter(models, tmp_path):
+    import onnx
+
+    from edgeprune.passes.fp16 import convert_fp16, is_fp16
+    from edgeprune.runners.precision import model_precision
+
+    paths, _ = models
+    converted = tmp_path / "conv.onnx"
+    onnx.save(convert_fp16(onnx.load(str(paths["a"]))), str(converted))   # fp32 I/O, fp16 weights
+    for path in (paths["a"], paths["half"], converted):
+        assert (model_precision(path) == "fp16") == is_fp16(onnx.load(str(path)))
+    assert model_precision(converted) == "fp16" and model_precision(paths["a"]) == "fp32"

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         with _progress_bar(options.repeats * len(specs), args.time_budget is None) as progress:
             runner, options = open_runner(args.device, options, progress)
             with runner:
-                report = run_bench(specs, options, runner, args.device)
+                report = run_bench(specs, options, runner)
     print(format_table(report))
     for warning in report.warnings:
         log.warning("warning: %s", warning)

@@ -11,14 +11,13 @@ the runner from ``edgeprune.devices.get_runner`` for a board (see :func:`open_ru
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from edgeprune.errors import DeviceError, ParameterError
+from edgeprune.errors import ParameterError
 from edgeprune.runners.precision import plan_models
 from edgeprune.runners.results import BenchReport, ModelSpec, build_report
 
@@ -107,8 +106,14 @@ def build_request(specs: Sequence[ModelSpec], options: BenchOptions) -> dict[str
 
 
 def run_bench(specs: Sequence[ModelSpec], options: BenchOptions, runner: Runner,
-              device: str = "local") -> BenchReport:
-    """Run all ``specs`` in one agent request on an active ``runner`` and summarize."""
+              device: str | None = None) -> BenchReport:
+    """Run all ``specs`` in one agent request on an active ``runner`` and summarize.
+
+    ``device`` labels the report; by default the runner's profile name (or "local").
+    """
+    if device is None:
+        profile = getattr(runner, "profile", None)
+        device = profile.name if profile is not None else "local"
     request = build_request(specs, options.validate())
     total = options.repeats * len(specs)
     log.info("timing %d model(s) on %s: %d warm-up + up to %d runs each%s%s", len(specs), device,
@@ -132,7 +137,7 @@ def benchmark(paths: Sequence[str | Path], options: BenchOptions = BenchOptions(
         specs = plan_models(paths, precision, Path(tmp))
         runner, options = open_runner(device, options.validate(), progress)
         with runner:
-            return run_bench(specs, options, runner, device)
+            return run_bench(specs, options, runner)
 
 
 def with_device_defaults(options: BenchOptions, profile: Any) -> BenchOptions:
@@ -149,21 +154,10 @@ def open_runner(device: str, options: BenchOptions,
                 progress: Callable[[int, int], None] | None = None) -> tuple[Any, BenchOptions]:
     """An inactive runner for ``device`` and the options completed with the device's defaults.
 
-    ``local`` is this machine, in this process (:class:`LocalRunner`, defaults from the
-    ``local`` profile, which a user file may override); any other name or profile path goes
-    through ``edgeprune.devices.get_runner``.
+    ``device`` is a profile name (``local`` = this machine, in this process; a user file may
+    override it) or a profile file path, resolved by ``edgeprune.devices``.
     """
-    from edgeprune.devices.profile import load_profile
+    from edgeprune.devices import get_runner, load_profile
 
     profile = load_profile(device)
-    options = with_device_defaults(options, profile)
-    if device == "local":
-        from edgeprune.runners.local import LocalRunner
-
-        return LocalRunner(progress=progress), options
-    try:
-        get_runner = importlib.import_module("edgeprune.devices").get_runner
-    except AttributeError as exc:
-        raise DeviceError(f"--device {device}: remote runners are not part of this installation yet "
-                          f"({exc}); use --device local") from exc
-    return get_runner(profile), options
+    return get_runner(profile, progress=progress), with_device_defaults(options, profile)

@@ -31,6 +31,7 @@ class LocalRunner:
     def __init__(self, progress: ProgressCallback | None = None) -> None:
         self._progress = progress
         self._active = False
+        self.profile: Any = None   # the DeviceProfile when made by edgeprune.devices.get_runner
 
     @property
     def is_active(self) -> bool:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "both")
 _TWO_GB = 2 * 1024**3
-_FLOAT, _FLOAT16 = 1, 10   # onnx.TensorProto data types
+_FLOAT16 = 10   # onnx.TensorProto.FLOAT16
 
 
 class Fp16UnavailableError(UserError):
@@ -28,22 +28,17 @@ class Fp16UnavailableError(UserError):
 
 
 def model_precision(path: str | Path) -> str:
-    """"fp16" when most floating-point weights (or, without weights, inputs) are float16."""
+    """"fp16" when any initializer, graph input or output is float16, else "fp32".
+
+    The same rule as ``edgeprune.passes.fp16.is_fp16`` (which refuses to convert such a model
+    again), read without loading external weight data.
+    """
     onnx = require("onnx")
-    model = onnx.load(str(path), load_external_data=False)
-    counts = {_FLOAT: 0, _FLOAT16: 0}
-    for init in model.graph.initializer:
-        if init.data_type in counts:
-            n = 1
-            for d in init.dims:
-                n *= d
-            counts[init.data_type] += n
-    if counts[_FLOAT] == counts[_FLOAT16] == 0:
-        for value in model.graph.input:
-            elem = value.type.tensor_type.elem_type
-            if elem in counts:
-                counts[elem] += 1
-    return "fp16" if counts[_FLOAT16] > counts[_FLOAT] else "fp32"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(init.data_type == _FLOAT16 for init in graph.initializer):
+        return "fp16"
+    io = list(graph.input) + list(graph.output)
+    return "fp16" if any(v.type.tensor_type.elem_type == _FLOAT16 for v in io) else "fp32"
 
 
 def _converter():
