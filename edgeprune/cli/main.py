@@ -22,6 +22,8 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "export",
     "bench",
+    "devices",
+    "wheelhouse",
 )
 
 log = logging.getLogger("edgeprune")
