@@ -7,7 +7,7 @@ import pytest
 
 from _runner_models import matmul_chain
 from edgeprune.runners.local import LocalRunner
-from edgeprune.runners.profile import aggregate, format_profile, layer_from_name, layers_from_metadata
+from edgeprune.runners.profile import aggregate, format_profile, graph_node_layers, layer_from_name
 
 
 def _row(node, op, us):
@@ -46,17 +46,36 @@ def test_no_layer_names_gives_no_layer_split():
     assert s.by_layer == () and [r.key for r in s.by_op_type] == ["MatMul", "Add"]
 
 
-def test_decoder_map_metadata_assigns_unscoped_nodes():
-    rows = [_row("node_MatMul_1", "MatMul", 3.0), _row("node_Softmax_2", "Softmax", 1.0),
-            _row("/blk/x/Add", "Add", 2.0), _row("node_Sigmoid_9", "Sigmoid", 4.0)]
-    decoder_map = {"layers": [{"index": 0, "probs": {"node": "node_Softmax_2"}, "pv_node": "node_MatMul_1"},
-                              {"index": 1, "scope": "/blk/"}]}
-    meta = {"edgeprune.decoder_map": json.dumps(decoder_map)}
-    assert layers_from_metadata(meta, [r["node"] for r in rows]) == {
-        "node_MatMul_1": 0, "node_Softmax_2": 0, "/blk/x/Add": 1}
-    s = aggregate(rows, meta)
-    assert [(r.key, r.total_us) for r in s.by_layer] == [("layer 0", 4.0), ("layer 1", 2.0), ("other", 4.0)]
-    assert layers_from_metadata({"edgeprune.decoder_map": "not json"}, ["a"]) == {}
+def test_graph_layers_from_dynamo_scopes_and_decoder_map(tmp_path):
+    """Dynamo names nodes node_<op>_<n> and puts the module path in node metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def node(op, inp, out, name, scopes=None):
+        n = helper.make_node(op, [inp], [out], name=name)
+        if scopes:
+            entry = n.metadata_props.add()
+            entry.key, entry.value = "pkg.torch.onnx.name_scopes", repr(scopes)
+        return n
+
+    nodes = [node("Relu", "x", "a", "node_relu", ["", "decoder", "decoder.layers.0", "relu"]),
+             node("Softmax", "a", "probs_1", "node_softmax_1"),                     # no metadata: from the map
+             node("Sigmoid", "probs_1", "y", "node_sigmoid", ["", "head", "sigmoid"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    entry = model.metadata_props.add()
+    entry.key = "edgeprune.decoder_map"
+    entry.value = json.dumps({"layers": [{"index": 1, "cross_attn_probs": {"name": "probs_1", "shape": [2]},
+                                          "logits": None}]})
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    mapping = graph_node_layers(tmp_path / "g.onnx")
+    assert mapping == {"node_relu": 0, "node_softmax_1": 1}
+    # ORT renames fused nodes: "fused <name>" (FusedGemm) or "<name>_<suffix>"
+    rows = [_row("fused node_relu", "FusedGemm", 1.0), _row("node_softmax_1_nchwc", "Softmax", 2.0),
+            _row("node_sigmoid", "Sigmoid", 4.0)]
+    s = aggregate(rows, mapping)
+    assert [(r.key, r.total_us) for r in s.by_layer] == [("layer 0", 1.0), ("layer 1", 2.0), ("other", 4.0)]
 
 
 def test_real_profile_of_a_layered_model(tmp_path):
@@ -65,7 +84,8 @@ def test_real_profile_of_a_layered_model(tmp_path):
     with LocalRunner() as runner:
         res = runner.run({"models": [{"name": "m", "path": str(path)}], "warmup": 1, "repeats": 3, "profile": True,
                           "inputs": {"free_dims": {"batch": 4}}})
-    summary = aggregate(res["models"][0]["profile"], res["models"][0]["metadata"], "m")
+    summary = aggregate(res["models"][0]["profile"], graph_node_layers(path), "m")
+    assert summary == aggregate(res["models"][0]["profile"], {}, "m")   # TorchScript-style names suffice
     assert [r.key for r in summary.by_layer] == ["layer 0", "layer 1", "layer 2"]
     assert all(r.nodes == 2 for r in summary.by_layer)           # MatMul + Relu per layer
     assert {r.key: r.nodes for r in summary.by_op_type} == {"MatMul": 3, "Relu": 3}

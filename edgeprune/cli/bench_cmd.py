@@ -164,12 +164,17 @@ def _write_outputs(report: Any, args: argparse.Namespace) -> None:
 
 
 def _print_profiles(report: Any, top: int) -> None:
-    from edgeprune.runners.profile import aggregate, format_profile
+    from edgeprune._lazy import available
+    from edgeprune.runners.profile import aggregate, format_profile, graph_node_layers
 
+    with_graph = available("onnx")
+    if not with_graph:
+        log.info("profile: decoder layers from node names only (install onnx to read dynamo name scopes)")
     for m in report.models:
         if m.profile is not None:
+            node_layers = graph_node_layers(m.spec.path) if with_graph else {}
             print()
-            print(format_profile(aggregate(m.profile, m.metadata, m.name), top=top))
+            print(format_profile(aggregate(m.profile, node_layers, m.name), top=top))
 
 
 def run(args: argparse.Namespace) -> int:

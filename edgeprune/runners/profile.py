@@ -1,14 +1,15 @@
 """Per-op profile of a model: ORT kernel times aggregated by op type and by decoder layer.
 
 The agent reports one row per node (``{"op_type", "node", "provider", "dur_us"}``, mean kernel
-time per run). A node belongs to decoder layer ``i`` when
+time per run). A node belongs to decoder layer ``i`` when its module path says so: the number
+after ``layers.`` inside a ``decoder`` scope (or after the first ``layers.`` when no node has a
+decoder scope). The module path is
 
-1. the model's metadata ``edgeprune.decoder_map`` (JSON written by ``edgeprune export``) names
-   it: every string in ``layers[i]`` that equals a node name, and every node whose name starts
-   with ``layers[i]["scope"]`` when the map gives a scope; or otherwise
-2. its name carries the layer's module path, as the TorchScript exporter writes it
-   (``/transformer/decoder/layers.3/attentions.1/MatMul``): the number after ``layers.``
-   inside a ``decoder`` scope, or after the first ``layers.`` when no name has a decoder scope.
+* the node name, as the TorchScript exporter writes it (``/layers.3/cross_attn/MatMul``);
+* with the graph at hand (:func:`graph_node_layers`, needs ``onnx``): the node's
+  ``pkg.torch.onnx.name_scopes`` / ``namespace`` metadata, as the dynamo exporter writes it
+  for nodes named ``node_MatMul_12``; and the producers of the tensors that
+  ``edgeprune.decoder_map`` (written by ``edgeprune export``) records per layer.
 
 Nodes of no layer are summed as ``other``.
 """
@@ -19,13 +20,18 @@ import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from edgeprune._lazy import require
 
 log = logging.getLogger(__name__)
 
 DECODER_MAP_KEY = "edgeprune.decoder_map"
-_LAYER = re.compile(r"(?:^|[/._])layers?[._/](\d+)(?=[/._:]|$)")
-_DECODER_LAYER = re.compile(r"decoder.*?[/._]layers?[._/](\d+)(?=[/._:]|$)")
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"   # node metadata of torch's dynamo exporter
+NAMESPACE_KEY = "namespace"
+_LAYER = re.compile(r"(?:^|[/._])layers?[._/](\d+)(?!\d)")
+_DECODER_LAYER = re.compile(r"decoder.*?[/._]layers?[._/](\d+)(?!\d)")
 
 
 @dataclass(frozen=True)
@@ -52,35 +58,36 @@ def layer_from_name(node: str, decoder_scoped: bool = False) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _strings(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _strings(v)
+def _node_scope(node: Any) -> str:
+    """The module path of a node: dynamo's name-scope metadata, else the node name."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    return meta.get(NAME_SCOPES_KEY) or meta.get(NAMESPACE_KEY) or node.name
 
 
-def layers_from_metadata(metadata: Mapping[str, str], nodes: Sequence[str]) -> dict[str, int]:
-    """Node name -> layer index from ``edgeprune.decoder_map``; {} when absent or unusable."""
-    text = metadata.get(DECODER_MAP_KEY)
+def _decoder_map_layers(model: Any) -> dict[str, int]:
+    """Node name -> layer for the producers of the tensors ``edgeprune.decoder_map`` records."""
+    text = next((p.value for p in model.metadata_props if p.key == DECODER_MAP_KEY), None)
     if not text:
         return {}
     try:
         layers = json.loads(text)["layers"]
+        wanted = {ref["name"]: int(layer["index"]) for layer in layers for ref in layer.values()
+                  if isinstance(ref, dict) and "name" in ref}
     except (ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring metadata %s: not JSON with a 'layers' list (%s)", DECODER_MAP_KEY, exc)
+        log.warning("ignoring metadata %s of the profiled model: %s", DECODER_MAP_KEY, exc)
         return {}
-    names = set(nodes)
-    mapping: dict[str, int] = {}
-    for position, layer in enumerate(layers):
-        index = int(layer.get("index", position)) if isinstance(layer, Mapping) else position
-        scope = layer.get("scope") if isinstance(layer, Mapping) else None
-        if isinstance(scope, str) and scope:
-            mapping.update({n: index for n in nodes if n.startswith(scope)})
-        mapping.update({s: index for s in _strings(layer) if s in names})
+    return {node.name: wanted[out] for node in model.graph.node for out in node.output if out in wanted}
+
+
+def graph_node_layers(path: str | Path) -> dict[str, int]:
+    """Node name -> decoder layer, from the graph's node metadata and decoder map (needs onnx)."""
+    onnx = require("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    scopes = {node.name: _node_scope(node) for node in model.graph.node}
+    decoder_scoped = any("decoder" in scope for scope in scopes.values())
+    mapping = {name: layer for name, layer in
+               ((n, layer_from_name(scope, decoder_scoped)) for n, scope in scopes.items()) if layer is not None}
+    mapping.update(_decoder_map_layers(model))
     return mapping
 
 
@@ -89,20 +96,37 @@ def _rows(totals: Mapping[str, float], counts: Mapping[str, int], grand: float,
     return tuple(ProfileRow(k, totals[k], counts[k], totals[k] / grand if grand > 0 else 0.0) for k in keys)
 
 
-def _layer_keys(rows: Sequence[Mapping[str, Any]], metadata: Mapping[str, str]) -> list[str | None]:
+def _mapped_layer(node: str, node_layers: Mapping[str, int], by_length: Sequence[str]) -> int | None:
+    """Layer of a profiled node; ORT renames nodes it fuses (``fused node_linear``,
+    ``<name>_<suffix>``), so those are looked up by the original name they start from."""
+    if node in node_layers:
+        return node_layers[node]
+    bare = node[len("fused "):] if node.startswith("fused ") else node
+    for name in by_length:
+        if bare.startswith(name):
+            return node_layers[name]
+    return None
+
+
+def _layer_keys(rows: Sequence[Mapping[str, Any]], node_layers: Mapping[str, int]) -> list[str | None]:
     nodes = [str(r["node"]) for r in rows]
-    mapped = layers_from_metadata(metadata, nodes)
+    by_length = sorted(node_layers, key=len, reverse=True)
     scoped = any("decoder" in n for n in nodes)
     keys: list[str | None] = []
     for n in nodes:
-        layer = mapped.get(n, layer_from_name(n, scoped))
+        layer = _mapped_layer(n, node_layers, by_length)
+        if layer is None:
+            layer = layer_from_name(n, scoped)
         keys.append(None if layer is None else f"layer {layer}")
     return keys
 
 
-def aggregate(rows: Sequence[Mapping[str, Any]], metadata: Mapping[str, str] | None = None,
+def aggregate(rows: Sequence[Mapping[str, Any]], node_layers: Mapping[str, int] | None = None,
               model: str = "") -> ProfileSummary:
-    """Group per-node rows by op type and by decoder layer."""
+    """Group per-node rows by op type and by decoder layer.
+
+    ``node_layers`` (from :func:`graph_node_layers`) takes precedence over node names.
+    """
     grand = float(sum(float(r["dur_us"]) for r in rows))
     op_total: dict[str, float] = defaultdict(float)
     op_count: dict[str, int] = defaultdict(int)
@@ -112,7 +136,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]], metadata: Mapping[str, str] | N
     by_op = _rows(op_total, op_count, grand, sorted(op_total, key=lambda k: -op_total[k]))
     layer_total: dict[str, float] = defaultdict(float)
     layer_count: dict[str, int] = defaultdict(int)
-    keys = _layer_keys(rows, metadata or {})
+    keys = _layer_keys(rows, node_layers or {})
     for r, key in zip(rows, keys):
         layer_total[key or "other"] += float(r["dur_us"])
         layer_count[key or "other"] += 1
