@@ -18,6 +18,7 @@ projected tensors, so the later projections shrink too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class ProjectionInput:
     input_index: int
     key_axis: int        # axis of ``tensor`` that has Nk entries
     batch_axis: int | None  # axis of ``tensor`` with B entries (None if batch is folded / absent)
+    # The MatMul/Gemm doing the projection. Usually ``consumer`` itself; after onnxsim a 3-D
+    # projection is often Reshape [B, Nk, E] -> [B*Nk, E] -> Gemm, and then ``consumer`` is that
+    # flattening Reshape. onnxsim also merges the projections of all layers that read the same
+    # tensor into one MatMul [E, L*E] + Split: then several layers share ``consumer``.
+    projection: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class MaskInput:
     consumer: str
     input_index: int
     key_axis: int
+    batch_axis: int | None = None   # axis with B entries (None: broadcast over batch)
+    heads_in_batch: bool = False    # the batch axis holds B*h entries (b-major), as in "(BH)QK"
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,11 @@ class AttentionProbs:
     tensor: str | None
     layout: str
     num_heads: int
-    fused_qk: tuple[str, str] | None = None   # (Q, K) inputs of a fused attention op, [B, S, h*d]
-    scale: float | None = None                 # softmax scale for recomputation
+    fused_qk: tuple[str, str] | None = None   # (Q, K) inputs of a fused attention op, [B, S, h*d] or [B, h, S, d]
+    scale: float | None = None                 # softmax scale for recomputation (None: 1/sqrt(d))
+    # com.microsoft.MultiHeadAttention's packed bias [3*h*d] (Q, K, V): add its Q / K thirds
+    # to ``fused_qk`` before recomputing the probabilities. None when there is none.
+    fused_bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,15 @@ class DecoderLayer:
     value_inputs: tuple[ProjectionInput, ...]   # inputs of the value projection(s)
     masks: tuple[MaskInput, ...]                # per-key additive masks of this layer, if any
     pv_node: str                                # the MatMul(probs, V) node (or the fused op)
-    logits: str | None                          # this layer's class logits [B, Nq, C]
+    # This layer's class logits: [B, Nq, C] values in row-major order. The tensor may fold or
+    # add unit leading axes ([B*Nq, C], [1, B, Nq, C] when onnxsim merged the Reshape into the
+    # stacking); reshaping it to (batch, num_queries, num_classes) is always valid.
+    logits: str | None
     num_keys: int
+    # Nodes from the key/value projection inputs (exclusive) to the attention MatMuls / fused
+    # op (exclusive): projections, bias Adds, Splits, head Reshapes/Transposes. Static shape
+    # constants of these nodes carry Nk and must follow when keys are gathered.
+    key_path_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,13 @@ class DecoderStructure:
     embed_dims: int
     num_heads: int
     source: str                                  # "metadata" or "matched"
+    # Initializers and Constant outputs with an axis of size ``num_queries`` (candidates for GPQ;
+    # a dimension may equal Nq by coincidence, so a pass checks which axis to slice).
     query_initializers: tuple[str, ...] = field(default_factory=tuple)
+    cls_output: str | None = None                # graph output stacking the logits [L, B, Nq, C]
+    # The exporter's record (``edgeprune.export.decoder_map.DecoderMap``) when source is
+    # "metadata": query tensors with their axes, shape constants carrying Nq, memory inputs.
+    decoder_map: Any = None
 
     @property
     def num_layers(self) -> int:

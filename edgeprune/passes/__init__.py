@@ -1,0 +1,16 @@
+"""ONNX graph passes: decoder discovery, the pass registry and the rewrite driver.
+
+Pipeline of ``edgeprune rewrite`` (``driver.rewrite``)::
+
+    load -> discover (discovery: metadata or matching, + --override) -> check each pass's
+    required decoder parts -> apply passes (registry: --method, then --precision) ->
+    cleanup + toposort (onnx-graphsurgeon) -> onnx.checker -> ORT load -> verify drift
+    (verify) -> atomic save -> RewriteReport
+
+Modules: ``structure`` (the records discovery returns; the contract passes read),
+``discovery``, ``attention_match`` (attention patterns), ``matching`` (GraphIndex,
+``match_parent_path``), ``shapes`` (static shape inference), ``overrides``, ``registry``,
+``driver``, ``verify``, ``flops``, and one module per pass.
+
+Nothing here imports onnx or torch at import time.
+"""

@@ -1,0 +1,445 @@
+"""Find the decoder in an ONNX graph: per layer, its cross-attention, key/value inputs, masks, logits.
+
+Two sources, in order:
+
+1. The exporter's record (``metadata_props["edgeprune.decoder_map"]``, written by
+   ``edgeprune export``) names each layer's probabilities and logits; the attention matcher
+   then fills in projections and masks around those tensors. ``source="metadata"``.
+2. Otherwise (a graph edgeprune did not export, or a stale record), match the graph
+   (``source="matched"``): every Softmax / fused attention op is matched as attention
+   (``attention_match``); cross-attentions are those whose keys are not derived from their
+   queries (self-attention keys are the queries, or the queries plus temporal memory) and
+   are not constants (a folded first self-attention); among several candidates, the
+   group whose key count agrees with the number of stacked class outputs wins. Each
+   layer's logits are the inputs of the Concat that stacks the class output
+   ``[L, B, Nq, C]``, checked to depend on that layer's attention and not the next one.
+
+``--override`` values (see ``overrides``) replace or supply any part. Nothing here runs ONNX
+Runtime; shapes come from static shape inference.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from edgeprune.errors import InvalidModelError, PatternNotFoundError
+from edgeprune.passes.attention_match import AttentionMatch, find_attentions, find_projection, \
+    match_softmax_attention
+from edgeprune.passes.matching import GraphIndex, name_nodes
+from edgeprune.passes.overrides import LAYER_PARTS, Overrides, TensorSpec, parse_overrides
+from edgeprune.passes.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, \
+    ProjectionInput
+
+log = logging.getLogger(__name__)
+
+CLS_OUTPUT_NAME = "all_cls_scores"
+_CLS_HINT = re.compile(r"cls|score|logit|class", re.IGNORECASE)
+_STACK_VIEWS = ("Unsqueeze", "Reshape", "Identity")
+
+
+def discover(model: Any, overrides: Union[Overrides, Mapping[str, str], Sequence[str], None] = None,
+             *, index: Optional[GraphIndex] = None) -> DecoderStructure:
+    """The decoder structure of ``model`` (an ``onnx.ModelProto``).
+
+    Gives unnamed nodes unique names in place (records refer to nodes by name). Raises
+    PatternNotFoundError when no decoder is found and the overrides do not name one.
+    """
+    name_nodes(model)
+    index = index or GraphIndex.build(model)
+    ov = parse_overrides(overrides)
+    attentions = find_attentions(index)
+    dmap = _usable_map(model, index)
+    layers, source = None, "matched"
+    if dmap is not None:
+        layers = _layers_from_map(index, dmap, attentions)
+        source = "metadata" if layers is not None else source
+    if layers is None:
+        layers = _matched_layers(index, attentions, ov)
+    layers = _apply_overrides(index, layers, ov, attentions)
+    if not layers:
+        raise PatternNotFoundError(_no_decoder_message(index, attentions))
+    return _assemble(index, layers, source, ov, dmap if source == "metadata" else None)
+
+
+# ------------------------------------------------------------------ metadata
+def _usable_map(model: Any, index: GraphIndex) -> Any:
+    """The exporter's DecoderMap when present and consistent with the graph, else None."""
+    from edgeprune.export.decoder_map import missing_tensors, read_decoder_map
+
+    try:
+        dmap = read_decoder_map(model)
+    except InvalidModelError as exc:
+        log.warning("ignoring the decoder map in the model's metadata (%s); matching the graph", exc)
+        return None
+    if dmap is None:
+        return None
+    missing = missing_tensors(model, dmap)
+    if missing:
+        log.warning("the decoder map in the model's metadata is stale (%d recorded tensors are not in the "
+                    "graph, e.g. %s); matching the graph instead", len(missing), missing[0])
+        return None
+    return dmap
+
+
+def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[AttentionMatch]) -> Optional[List[DecoderLayer]]:
+    """Layers whose probabilities/logits the map names; None (stale) when a name does not match."""
+    by_probs = {m.probs.tensor: m for m in attentions if m.probs.tensor}
+    fused = [m for m in attentions if m.probs.layout == "fused"]
+    layers = []
+    for lm in dmap.layers:
+        if lm.cross_attn_probs is not None:
+            match = by_probs.get(lm.cross_attn_probs.name)
+        else:
+            match = fused[lm.index] if lm.index < len(fused) else None
+        if match is None:
+            log.warning("decoder map names %s for layer %d but no attention reads it; matching the graph instead",
+                        lm.cross_attn_probs.name if lm.cross_attn_probs else "fused attention", lm.index)
+            return None
+        layers.append(_layer(lm.index, match, lm.logits.name if lm.logits else None))
+    return layers
+
+
+# ------------------------------------------------------------------ matching
+def _layer(i: int, match: AttentionMatch, logits: Optional[str]) -> DecoderLayer:
+    return DecoderLayer(index=i, probs=match.probs, key_inputs=(match.key_input,), value_inputs=(match.value_input,),
+                        masks=match.masks, pv_node=match.pv_node, logits=logits, num_keys=match.num_keys,
+                        key_path_nodes=match.path_nodes)
+
+
+def is_cross_attention(index: GraphIndex, match: AttentionMatch) -> bool:
+    """Keys that are neither constants nor derived from the queries come from elsewhere: memory."""
+    key = match.key_input.tensor
+    if index.is_constant(key):
+        return False                                     # a first self-attention folded by the exporter
+    if match.query_input is None:
+        return True                                      # queries folded to a constant: keys are not them
+    query = match.query_input.tensor
+    if key == query or index.depends_on(key, [query]):
+        return False
+    kp, qp = index.producer.get(key), index.producer.get(query)
+    duplicate = kp is not None and qp is not None and kp.op_type == qp.op_type and list(kp.input) == list(qp.input)
+    return not duplicate
+
+
+def _select_cross(candidates: List[AttentionMatch], expected: Optional[int]) -> List[AttentionMatch]:
+    """All candidates, or (when their count disagrees with the stacked outputs) the agreeing key group."""
+    if expected is None or len(candidates) == expected:
+        return candidates
+    groups: Dict[int, List[AttentionMatch]] = {}
+    for m in candidates:
+        groups.setdefault(m.num_keys, []).append(m)
+    fitting = [g for g in groups.values() if len(g) == expected]
+    if len(fitting) == 1:
+        return fitting[0]
+    names = ", ".join(f"{m.node} ({m.num_keys} keys)" for m in candidates)
+    raise PatternNotFoundError(
+        f"found {len(candidates)} cross-attention candidates ({names}) but the class output stacks {expected} "
+        f"layers; name each decoder layer's probabilities with --override layer.N.probs=TENSOR")
+
+
+def _matched_layers(index: GraphIndex, attentions: Sequence[AttentionMatch], ov: Overrides) -> List[DecoderLayer]:
+    cross = [m for m in attentions if is_cross_attention(index, m)]
+    for m in attentions:
+        log.debug("attention %s: %s, %d queries x %d keys", m.node, "cross" if m in cross else "self",
+                  m.num_queries, m.num_keys)
+    cls_output = ov.cls_output or find_cls_output(index)
+    logits = unstack(index, cls_output) if cls_output else None
+    if not cross:
+        return []
+    cross = _select_cross(cross, len(logits) if logits else None)
+    if logits is not None and not _logits_follow_layers(index, cross, logits):
+        log.warning("the inputs of %s do not follow the decoder layers one to one; layer logits left unset",
+                    cls_output)
+        logits = None
+    return [_layer(i, m, logits[i] if logits else None) for i, m in enumerate(cross)]
+
+
+def _no_decoder_message(index: GraphIndex, attentions: Sequence[AttentionMatch]) -> str:
+    softmax = [n for n in index.graph.node if n.op_type == "Softmax"]
+    dynamic = [n for n in softmax if any(not isinstance(d, int) for d in (index.shape(n.output[0]) or (None,)))]
+    hint = ""
+    if dynamic:
+        hint = (f"; {len(dynamic)} Softmax outputs have no static shape: export with fixed input sizes "
+                "(or run onnxsim with --overwrite-input-shape)")
+    return (f"no decoder cross-attention found: the graph has {len(softmax)} Softmax nodes, {len(attentions)} "
+            f"matched as attention, none with keys independent of its queries{hint}. edgeprune needs a DETR-style "
+            "decoder (queries attending to image tokens); if the graph has one, name each layer with "
+            "--override layer.N.probs=TENSOR (and layer.N.key/value/logits)")
+
+
+# ------------------------------------------------------------------ logits
+def _producer_through(index: GraphIndex, tensor: str, ops: Iterable[str]) -> Tuple[str, Optional[Any]]:
+    node = index.producer.get(tensor)
+    while node is not None and node.op_type in ops:
+        tensor = node.input[0]
+        node = index.producer.get(tensor)
+    return tensor, node
+
+
+def _stack_inputs(index: GraphIndex, output: str) -> Optional[List[str]]:
+    """Inputs of the axis-0 Concat producing ``output`` (through Identity), or None."""
+    _, node = _producer_through(index, output, ("Identity",))
+    if node is None or node.op_type != "Concat" or index.attr(node, "axis") != 0:
+        return None
+    return list(node.input)
+
+
+def _is_linear(index: GraphIndex, tensor: str) -> bool:
+    """True when ``tensor`` (through views) is a Linear's output: MatMul/Gemm [+ constant bias]."""
+    _, node = _producer_through(index, tensor, _STACK_VIEWS)
+    if node is not None and node.op_type == "Add":
+        data = [i for i in node.input if not index.is_constant(i)]
+        node = index.producer.get(data[0]) if len(data) == 1 else None
+    return node is not None and node.op_type in ("MatMul", "Gemm")
+
+
+def find_cls_output(index: GraphIndex) -> Optional[str]:
+    """The graph output stacking per-layer class logits: by name, else the one made of Linear outputs."""
+    stacked = [o for o in index.outputs if _stack_inputs(index, o)]
+    if CLS_OUTPUT_NAME in stacked:
+        return CLS_OUTPUT_NAME
+    named = [o for o in stacked if _CLS_HINT.search(o)]
+    if len(named) == 1:
+        return named[0]
+    linear = [o for o in stacked if all(_is_linear(index, t) for t in _stack_inputs(index, o) or [])]
+    if len(linear) == 1:
+        return linear[0]
+    if stacked:
+        log.info("cannot tell which of the stacked outputs %s holds class logits; use --override cls_output=NAME",
+                 stacked)
+    return None
+
+
+def unstack(index: GraphIndex, output: str) -> Optional[List[str]]:
+    """Per-layer tensors of a stacked output: [B, Nq, C] when it exists, else the [1, B, Nq, C] slice."""
+    inputs = _stack_inputs(index, output)
+    if inputs is None:
+        return None
+    per_layer = []
+    for tensor in inputs:
+        node = index.producer.get(tensor)
+        shape = index.shape(tensor)
+        if node is not None and node.op_type in ("Unsqueeze", "Reshape") and shape is not None:
+            inner = index.shape(node.input[0])
+            if inner is not None and tuple(inner) == tuple(shape[1:]):
+                tensor = node.input[0]
+        per_layer.append(tensor)
+    return per_layer
+
+
+def _attention_output(index: GraphIndex, layer: Union[AttentionMatch, DecoderLayer]) -> str:
+    return index.nodes[layer.pv_node].output[0]
+
+
+def _logits_follow_layers(index: GraphIndex, cross: Sequence[AttentionMatch], logits: Sequence[str]) -> bool:
+    """logits[l] depends on layer l's attention output and not on layer l+1's."""
+    outs = [_attention_output(index, m) for m in cross]
+    for i, tensor in enumerate(logits):
+        if not index.depends_on(tensor, [outs[i]]):
+            return False
+        if i + 1 < len(outs) and index.depends_on(tensor, [outs[i + 1]]):
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ overrides
+def _require_tensor(index: GraphIndex, name: str, what: str) -> None:
+    if not index.has_tensor(name):
+        raise PatternNotFoundError(f"--override {what}: tensor {name!r} is not in the graph; check the name "
+                                   "(e.g. with a graph viewer such as Netron)")
+
+
+def _probs_layer(index: GraphIndex, i: int, spec: TensorSpec, attentions: Sequence[AttentionMatch],
+                 ov: Overrides, old: Optional[DecoderLayer]) -> DecoderLayer:
+    """Layer ``i`` from a probabilities override, matched around it when possible."""
+    _require_tensor(index, spec.tensor, f"layer.{i}.probs")
+    logits = old.logits if old is not None else None
+    match = next((m for m in attentions if m.probs.tensor == spec.tensor), None)
+    producer = index.producer.get(spec.tensor)
+    if match is None and producer is not None and producer.op_type == "Softmax":
+        match = match_softmax_attention(index, producer)
+    if match is not None:
+        return _layer(i, match, logits)
+    shape = index.shape(spec.tensor) or ()
+    if len(shape) not in (3, 4) or not all(isinstance(d, int) for d in shape):
+        raise PatternNotFoundError(f"--override layer.{i}.probs: tensor {spec.tensor!r} has shape {shape}; expected "
+                                   "a static [B, h, Nq, Nk], [B*h, Nq, Nk] or head-averaged [B, Nq, Nk]")
+    if len(shape) == 4:
+        probs = AttentionProbs(spec.tensor, "BHQK", shape[1])
+    elif ov.heads and ov.heads > 1 and shape[0] % ov.heads == 0:
+        probs = AttentionProbs(spec.tensor, "(BH)QK", ov.heads)
+    else:
+        probs = AttentionProbs(spec.tensor, "BQK_mean", ov.heads or 1)
+    pv = next((u.name for u in index.users(spec.tensor) if u.op_type == "MatMul" and u.input[0] == spec.tensor), "")
+    return DecoderLayer(index=i, probs=probs, key_inputs=(), value_inputs=(), masks=(), pv_node=pv,
+                        logits=logits, num_keys=int(shape[-1]))
+
+
+def _consumer(index: GraphIndex, spec: TensorSpec, what: str, previous: Sequence[Any],
+              ops: Iterable[str]) -> Tuple[str, int]:
+    """(consumer node, input index) the override's tensor feeds: named, previously matched, or unique."""
+    users = index.users(spec.tensor)
+    if spec.node is not None:
+        chosen = [u for u in users if u.name == spec.node]
+        if not chosen:
+            raise PatternNotFoundError(f"--override {what}: node {spec.node!r} does not read {spec.tensor!r} "
+                                       f"(readers: {', '.join(u.name for u in users) or 'none'})")
+    else:
+        known = {p.consumer for p in previous}
+        chosen = [u for u in users if u.name in known] or [u for u in users if u.op_type in ops]
+    if len(chosen) != 1:
+        raise PatternNotFoundError(
+            f"--override {what}: tensor {spec.tensor!r} feeds {len(users)} nodes "
+            f"({', '.join(u.name for u in users) or 'none'}); name the one to use as {what}={spec.tensor}@NODE")
+    node = chosen[0]
+    return node.name, list(node.input).index(spec.tensor)
+
+
+def _projection_override(index: GraphIndex, i: int, part: str, spec: TensorSpec,
+                         layer: DecoderLayer) -> ProjectionInput:
+    what = f"layer.{i}.{part}"
+    _require_tensor(index, spec.tensor, what)
+    previous = layer.key_inputs if part == "key" else layer.value_inputs
+    consumer, idx = _consumer(index, spec, what, previous, ("MatMul", "Gemm", "Reshape"))
+    shape = index.shape(spec.tensor) or ()
+    axes = [a for a, d in enumerate(shape[:-1]) if d == layer.num_keys]
+    if not axes:
+        raise PatternNotFoundError(f"--override {what}: tensor {spec.tensor!r} has shape {tuple(shape)} with no "
+                                   f"axis of {layer.num_keys} keys (layer {i}'s probabilities have that many)")
+    rest = [a for a in range(len(shape) - 1) if a != axes[0]]
+    node = index.nodes[consumer]
+    projection = consumer if node.op_type in ("MatMul", "Gemm") else ""
+    found = find_projection(index, node.output[0], layer.num_keys) if not projection else None
+    return ProjectionInput(spec.tensor, consumer, idx, axes[0], rest[0] if len(rest) == 1 else None,
+                           projection or (found.input.projection if found else ""))
+
+
+def _mask_override(index: GraphIndex, i: int, spec: TensorSpec, layer: DecoderLayer) -> MaskInput:
+    what = f"layer.{i}.mask"
+    _require_tensor(index, spec.tensor, what)
+    consumer, idx = _consumer(index, spec, what, layer.masks,
+                              ("Add", "Where", "Attention", "MultiHeadAttention"))
+    shape = index.shape(spec.tensor) or (None,)
+    return MaskInput(spec.tensor, consumer, idx, len(shape) - 1)
+
+
+def _override_layer(index: GraphIndex, i: int, layer: DecoderLayer, ov: Overrides) -> DecoderLayer:
+    for part in ("key", "value"):
+        spec = ov.get(i, part)
+        if spec is not None:
+            pin = _projection_override(index, i, part, spec, layer)
+            layer = replace(layer, **{f"{part}_inputs": (pin,)})
+    spec = ov.get(i, "mask")
+    if spec is not None:
+        layer = replace(layer, masks=(_mask_override(index, i, spec, layer),))
+    spec = ov.get(i, "logits")
+    if spec is not None:
+        _require_tensor(index, spec.tensor, f"layer.{i}.logits")
+        layer = replace(layer, logits=spec.tensor)
+    return layer
+
+
+def _apply_overrides(index: GraphIndex, layers: List[DecoderLayer], ov: Overrides,
+                     attentions: Sequence[AttentionMatch]) -> List[DecoderLayer]:
+    if not ov.layers:
+        return layers
+    count = max(len(layers), max(ov.layers) + 1)
+    result = []
+    for i in range(count):
+        old = layers[i] if i < len(layers) else None
+        spec = ov.get(i, "probs")
+        layer = _probs_layer(index, i, spec, attentions, ov, old) if spec is not None else old
+        if layer is None:
+            raise PatternNotFoundError(
+                f"layer {i}'s cross-attention was not found (matched {len(layers)} layers), so its other "
+                f"overrides cannot apply; add --override layer.{i}.probs=TENSOR")
+        result.append(_override_layer(index, i, layer, ov))
+    return result
+
+
+# ------------------------------------------------------------------ assembly
+def _dim(shape: Any, axis: int) -> int:
+    return int(shape[axis]) if shape and isinstance(shape[axis], int) else 0
+
+
+def _probs_geometry(index: GraphIndex, layer: DecoderLayer) -> Tuple[int, int]:
+    """(batch, Nq) of a layer from its probabilities (or its fused op's Q input)."""
+    probs = layer.probs
+    if probs.layout == "fused" and probs.fused_qk:
+        shape = index.shape(probs.fused_qk[0]) or ()
+        return _dim(shape, 0), _dim(shape, -2 if len(shape) == 4 else 1)
+    shape = index.shape(probs.tensor) or ()
+    batch = _dim(shape, 0)
+    if probs.layout == "(BH)QK" and probs.num_heads:
+        batch //= probs.num_heads
+    return batch, _dim(shape, -2)
+
+
+def query_constants(index: GraphIndex, num_queries: int) -> Tuple[str, ...]:
+    """Initializers and Constant outputs with an axis of ``num_queries`` entries."""
+    names = [t.name for t in index.graph.initializer if num_queries in t.dims]
+    names += [n.output[0] for n in index.graph.node if n.op_type == "Constant"
+              and num_queries in (index.shape(n.output[0]) or ())]
+    return tuple(names)
+
+
+def _classes(index: GraphIndex, layers: Sequence[DecoderLayer], cls_output: Optional[str]) -> int:
+    for tensor in [layers[0].logits, cls_output]:
+        shape = index.shape(tensor) if tensor else None
+        if shape and isinstance(shape[-1], int):
+            return int(shape[-1])
+    return 0
+
+
+def _embed(index: GraphIndex, layer: DecoderLayer) -> int:
+    for pin in layer.key_inputs + layer.value_inputs:
+        shape = index.shape(pin.tensor)
+        if shape and isinstance(shape[-1], int):
+            return int(shape[-1])
+    return 0
+
+
+def _assemble(index: GraphIndex, layers: List[DecoderLayer], source: str, ov: Overrides,
+              dmap: Any) -> DecoderStructure:
+    first = layers[0]
+    batch, num_queries = _probs_geometry(index, first)
+    cls_output = ov.cls_output or find_cls_output(index)
+    queries = tuple(q.name for q in dmap.query_tensors) if dmap is not None else query_constants(index, num_queries)
+    structure = DecoderStructure(
+        layers=tuple(layers), batch=batch, num_queries=num_queries, num_keys=first.num_keys,
+        num_classes=_classes(index, layers, cls_output), embed_dims=_embed(index, first),
+        num_heads=first.probs.num_heads, source=source, query_initializers=queries,
+        cls_output=cls_output, decoder_map=dmap)
+    log.info("decoder (%s): %d layers, %d queries, %d keys, %d heads, batch %d", source, structure.num_layers,
+             num_queries, first.num_keys, first.probs.num_heads, batch)
+    return structure
+
+
+# ------------------------------------------------------------------ requirements
+def missing_parts(structure: DecoderStructure, parts: Iterable[str]) -> List[Tuple[int, str]]:
+    """(layer, part) pairs a pass needs but discovery did not find."""
+    wanted = list(parts)
+    unknown = [p for p in wanted if p not in LAYER_PARTS]
+    if unknown:
+        raise ValueError(f"unknown decoder parts {unknown}; known: {list(LAYER_PARTS)}")
+    missing = []
+    for layer in structure.layers:
+        have = {"probs": layer.probs.tensor is not None or layer.probs.fused_qk is not None,
+                "key": bool(layer.key_inputs), "value": bool(layer.value_inputs),
+                "mask": bool(layer.masks), "logits": layer.logits is not None}
+        missing += [(layer.index, p) for p in wanted if not have[p]]
+    return missing
+
+
+def require_parts(structure: DecoderStructure, parts: Iterable[str], needed_by: str = "this pass") -> None:
+    """Raise PatternNotFoundError naming the first missing part and the ``--override`` that supplies it."""
+    missing = missing_parts(structure, parts)
+    if not missing:
+        return
+    layer, part = missing[0]
+    more = f" ({len(missing) - 1} more parts missing)" if len(missing) > 1 else ""
+    raise PatternNotFoundError(
+        f"{needed_by} needs layer {layer}'s {LAYER_PARTS[part]}, which discovery did not find{more}; "
+        f"supply it with --override layer.{layer}.{part}=TENSOR")

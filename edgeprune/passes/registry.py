@@ -1,0 +1,145 @@
+"""The registry of graph passes: what ``edgeprune rewrite --method`` and ``--precision`` offer.
+
+A pass is a class with
+
+- ``name`` (the ``--method`` value) and ``help`` (one line for ``--help``);
+- ``requires``: the decoder parts it needs from discovery, a subset of
+  ``{"probs", "key", "value", "mask", "logits"}`` (the driver checks them and names the
+  ``--override`` that supplies a missing one before the pass runs);
+- ``add_arguments(group)`` (classmethod): its command-line options. Options shared by several
+  passes (``--r``, ``--n``) are defined by whichever pass registers first, so give them
+  ``default=None`` and the same meaning; validate in ``from_args``;
+- ``from_args(args)`` (classmethod): an instance from parsed arguments (raise ParameterError
+  for out-of-range values);
+- ``apply(model, structure) -> onnx.ModelProto``: the rewrite. It may edit ``model`` in place
+  and return it. It must not keep matches on ``self``.
+
+Adding a pass = one new module defining the class + one line in :data:`METHODS` (or
+:data:`PRECISIONS` for a number-format conversion, applied after the method). Pass modules are
+imported when the CLI builds its parser, so they must not import onnx/torch at module level.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Protocol, Sequence
+
+from edgeprune.errors import InternalError, ParameterError
+
+# --method NAME -> "module:Class". Order is the order shown in --help.
+METHODS: Dict[str, str] = {
+    "none": "edgeprune.passes.registry:IdentityPass",
+}
+# --precision NAME -> "module:Class" (fp32 is the absence of a conversion).
+PRECISIONS: Dict[str, str] = {}
+
+
+class Pass(Protocol):
+    """What the driver and the CLI need from a pass (see the module docstring)."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    requires: ClassVar[FrozenSet[str]]
+
+    @classmethod
+    def add_arguments(cls, group: Any) -> None: ...
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Pass": ...
+
+    def apply(self, model: Any, structure: Any) -> Any: ...
+
+
+class BasePass:
+    """Defaults for a pass without options; subclasses set ``name``/``help``/``requires``."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    requires: ClassVar[FrozenSet[str]] = frozenset()
+
+    @classmethod
+    def add_arguments(cls, group: Any) -> None:
+        """No options."""
+
+    @classmethod
+    def from_args(cls, args: Optional[argparse.Namespace]) -> "BasePass":
+        return cls()
+
+    def apply(self, model: Any, structure: Any) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class IdentityPass(BasePass):
+    """Changes nothing: the driver still cleans up, checks, verifies and saves (and converts
+    precision when asked), so ``--method none --precision fp16`` converts alone."""
+
+    name = "none"
+    help = "no graph change (use with --precision fp16, or to check and re-save a model)"
+
+    def apply(self, model: Any, structure: Any) -> Any:
+        return model
+
+
+def _load(spec: str) -> type:
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InternalError(f"pass {spec!r} is registered but cannot be loaded ({exc})") from exc
+
+
+def method_names() -> List[str]:
+    """``--method`` choices."""
+    return list(METHODS)
+
+
+def precision_names() -> List[str]:
+    """``--precision`` choices (fp32 = no conversion)."""
+    return ["fp32"] + list(PRECISIONS)
+
+
+def get_method(name: str) -> type:
+    if name not in METHODS:
+        raise ParameterError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return _load(METHODS[name])
+
+
+def get_precision(name: str) -> Optional[type]:
+    """The conversion pass for ``name``, or None for fp32."""
+    if name == "fp32":
+        return None
+    if name not in PRECISIONS:
+        raise ParameterError(f"unknown precision {name!r}; available: {', '.join(precision_names())}")
+    return _load(PRECISIONS[name])
+
+
+class _SharedGroup:
+    """An argument group that skips options an earlier pass already defined (``--r`` ...)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, group: Any) -> None:
+        self._parser, self._group = parser, group
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> Any:
+        known = self._parser._option_string_actions          # argparse's own flag table
+        if flags and all(f in known for f in flags):
+            return known[flags[0]]
+        return self._group.add_argument(*flags, **kwargs)
+
+
+def add_pass_arguments(parser: argparse.ArgumentParser, names: Sequence[str] = ()) -> None:
+    """Each registered pass's options, in an argument group per pass."""
+    names = list(names) or method_names() + list(PRECISIONS)
+    for name in names:
+        cls = get_method(name) if name in METHODS else get_precision(name)
+        if cls is None:
+            continue
+        group = parser.add_argument_group(f"{name} options", cls.help)
+        cls.add_arguments(_SharedGroup(parser, group))
+
+
+def build_passes(args: argparse.Namespace) -> List[Any]:
+    """Instances for ``args.method`` (and ``args.precision`` conversion options, if any)."""
+    return [get_method(args.method).from_args(args)]

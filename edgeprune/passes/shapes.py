@@ -1,0 +1,102 @@
+"""Static shapes of every tensor in an ONNX graph, without running it.
+
+Discovery and FLOP counting read shapes (``Nq``, ``Nk``, heads, batch) from the graph, and
+must stay fast on a 24000-key model, so nothing here runs ONNX Runtime: ONNX shape
+inference (with data propagation, so ``Reshape`` targets computed from ``Shape`` ops resolve)
+runs on a light copy of the graph whose large initializers are replaced by typed graph
+inputs. That keeps models above protobuf's 2 GB limit inferable and avoids copying weights.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple, Union
+
+from edgeprune import _lazy
+
+log = logging.getLogger(__name__)
+
+Dim = Union[int, str, None]          # int = static size, str = symbolic name, None = unknown
+Shape = Tuple[Dim, ...]
+Shapes = Dict[str, Shape]
+
+# Initializers larger than this are weights, never shape tensors; inference sees only their type.
+_LIGHT_BYTES = 64 * 1024
+
+
+def _nbytes(tensor: Any) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    return len(tensor.raw_data) if tensor.raw_data else count * 8   # typed fields: upper bound
+
+
+def light_model(model: Any) -> Any:
+    """A copy of ``model`` whose big initializers became graph inputs (same names, types, dims)."""
+    onnx = _lazy.require("onnx")
+    graph = model.graph
+    small, inputs = [], list(graph.input)
+    known = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if _nbytes(init) <= _LIGHT_BYTES and init.data_location != 1:
+            small.append(init)
+        elif init.name not in known:
+            inputs.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    light_graph = onnx.helper.make_graph(list(graph.node), graph.name, inputs, list(graph.output),
+                                         initializer=small, value_info=list(graph.value_info))
+    light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import),
+                                   ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    return light
+
+
+def _shape_of(value_info: Any) -> Optional[Shape]:
+    kind = value_info.type.WhichOneof("value")
+    if kind != "tensor_type" or not value_info.type.tensor_type.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for dim in value_info.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def infer_shapes(model: Any) -> Shapes:
+    """Tensor name -> shape for graph inputs, initializers, outputs and intermediates.
+
+    Tensors whose shape inference cannot determine are absent from the result.
+    """
+    onnx = _lazy.require("onnx")
+    light = light_model(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        log.debug("shape inference with data propagation failed (%s); retrying without", exc)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    graph = inferred.graph
+    shapes: Shapes = {}
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        shape = _shape_of(info)
+        if shape is not None:
+            shapes[info.name] = shape
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+    return shapes
+
+
+def is_static(shape: Optional[Shape]) -> bool:
+    """True when every dimension of ``shape`` is a known integer."""
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def numel(shape: Shape) -> int:
+    """Element count of a static shape."""
+    count = 1
+    for dim in shape:
+        if not isinstance(dim, int):
+            raise ValueError(f"shape {shape} is not static")
+        count *= dim
+    return count
