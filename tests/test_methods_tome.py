@@ -15,14 +15,15 @@ def numpy_merge_groups(metric: np.ndarray, r: int) -> list[list[int]]:
     """One batch element: the original positions each output key stands for, in output order.
 
     Written from the ToMe paper: A = even, B = odd positions; every A token's most similar B
-    token by cosine; the r A tokens with the highest similarity join their B token.
+    token by cosine; the r A tokens with the highest similarity join their B token. Output:
+    kept A tokens in position order, then the B tokens.
     """
     unit = metric / np.linalg.norm(metric, axis=-1, keepdims=True)
     a_pos, b_pos = np.arange(0, len(unit), 2), np.arange(1, len(unit), 2)
     sim = unit[a_pos] @ unit[b_pos].T                                        # [Na, Nb]
     best, match = sim.max(1), sim.argmax(1)
     order = np.argsort(-best, kind="stable")
-    groups = [[int(a_pos[i])] for i in order[r:]]
+    groups = [[int(a_pos[i])] for i in sorted(order[r:])]
     b_groups = [[int(p)] for p in b_pos]
     for i in order[:r]:
         b_groups[match[i]].append(int(a_pos[i]))

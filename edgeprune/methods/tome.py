@@ -14,7 +14,10 @@ keys of a DETR decoder's cross-attention:
    similarity are merged into their B match, the others stay.
 4. Merge by size-weighted averaging (ToMe's ``merge_wavg``) of the memory AND the key
    position embedding, tracking how many original keys each merged key stands for.
-   Output order is ToMe's: kept A keys by decreasing similarity, then all B keys.
+   Output order: the kept A keys in their original order, then all B keys. (ToMe's code
+   keeps A keys by decreasing similarity; that order decides the next layer's alternate
+   split, so a 1e-7 rounding difference between two runtimes would change which keys are
+   matched next. Position order depends only on WHICH keys merged.)
 
 It runs between decoder layers with the tgGBC ``r`` schedule
 (:func:`edgeprune.methods.tggbc.schedule`): after layer ``l`` the keys of layers
@@ -92,7 +95,7 @@ def key_metric(key_input: Tensor, weight: Tensor, bias: Tensor | None, num_heads
 class Matching:
     """Result of one bipartite matching over ``Nk`` keys (A = even positions, B = odd)."""
 
-    unmerged: Tensor     # [B, Na - r] positions in A of the kept A keys (decreasing similarity)
+    unmerged: Tensor     # [B, Na - r] positions in A of the kept A keys (ascending)
     merged: Tensor       # [B, r]      positions in A of the merged A keys
     destination: Tensor  # [B, r]      positions in B they are merged into
 
@@ -110,7 +113,8 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> Matching:
     best, best_idx = scores.max(dim=-1)                                       # [B, Na]
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices    # [B, Na]
     merged = order[:, :r]
-    return Matching(unmerged=order[:, r:], merged=merged, destination=best_idx.gather(1, merged))
+    unmerged = order[:, r:].sort(dim=-1).values                               # [B, Na - r]
+    return Matching(unmerged=unmerged, merged=merged, destination=best_idx.gather(1, merged))
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:

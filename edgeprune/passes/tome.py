@@ -1,0 +1,366 @@
+"""ToMe baseline as an ONNX graph pass: merge similar image tokens (keys) between decoder layers.
+
+Computes what :mod:`edgeprune.methods.tome` computes (the oracle; read its docstring for the
+method). After layer ``l`` (``r_l > 0`` in tgGBC's schedule) the pass inserts, all named
+``tome/...``::
+
+    K^T of layer l [B, h, d, Nk] or [B*h, d, Nk]  (input 1 of its QK^T MatMul)
+      -> Reshape [B, h, d, Nk] -> ReduceSum(h) -> Transpose -> L2-normalise        metric [B, Nk, d]
+      -> Slice even / odd keys -> MatMul(A, B^T) -> TopK(1)                         best B match of each A key
+      -> TopK(r) of the best similarities: merged A keys; NonZero of the rest: kept A keys
+    every per-key tensor X [B, Nk, C] read by layers l+1.. (inputs of their key/value projections):
+      X * size -> GatherElements (kept A) | ScatterElements(add) (merged A into B) -> Concat -> / new size
+
+The head-sum of the keys replaces ToMe's head-mean: cosine similarity does not change under
+scaling, and the sum needs no opset-dependent ReduceMean. Merging the projection inputs
+``memory + key_pos`` and ``memory`` with the same sizes equals merging memory and key_pos
+separately (a weighted average is linear). The size tensor ``[B, Nk, 1]`` starts at ones.
+
+Limits (clear errors): fused attention ops (no separate key tensor to read), key padding
+masks, projections shared by layers with different key counts. TopK sorts all of set A
+(``Na`` = half the keys): more than TensorRT's 3840 on large inputs, so this baseline targets
+ONNX Runtime.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeprune._lazy import require
+from edgeprune.errors import ParameterError, PatternNotFoundError
+from edgeprune.methods.tome import ToMeConfig, max_merges
+from edgeprune.passes.structure import DecoderLayer, DecoderStructure, ProjectionInput
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tome/"
+MIN_OPSET = 16          # ScatterElements(reduction="add")
+
+
+@dataclass(frozen=True)
+class MergeStep:
+    """One merge after decoder layer ``layer``: ``num_keys`` -> ``num_keys - r`` keys."""
+
+    layer: int
+    r: int
+    num_keys: int
+    keys_t: str            # input 1 of the layer's QK^T MatMul: K^T [B, h, d, Nk] or [B*h, d, Nk]
+
+
+@dataclass(frozen=True)
+class ToMePlan:
+    """What the rewrite does: the merge steps and, per later layer, which inputs to rewire."""
+
+    steps: tuple[MergeStep, ...]
+    batch: int
+    num_heads: int
+    keys_per_layer: tuple[int, ...]      # keys each layer attends to after merging
+
+
+def plan_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> ToMePlan:
+    """Check the structure supports ToMe and locate each merging layer's keys (no graph edit)."""
+    from edgeprune.passes.attention_match import score_path
+    from edgeprune.passes.matching import GraphIndex
+
+    per_layer = config.validate(structure.num_keys, structure.num_layers)
+    _check_opset(model)
+    index = GraphIndex.build(model)
+    steps, keys, widths = [], structure.num_keys, []
+    for layer, r_l in zip(structure.layers, per_layer):
+        widths.append(keys)
+        if r_l > 0:
+            steps.append(MergeStep(layer.index, r_l, keys, _keys_tensor(index, layer, score_path)))
+            keys -= r_l
+    for layer in structure.layers[1:]:
+        _check_layer(layer)
+    return ToMePlan(tuple(steps), structure.batch, structure.num_heads, tuple(widths))
+
+
+def _check_opset(model: Any) -> None:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ParameterError(f"the ToMe pass needs opset >= {MIN_OPSET} (ScatterElements with reduction) but the "
+                             f"model is opset {opset}; re-export with --opset 17")
+
+
+def _keys_tensor(index: Any, layer: DecoderLayer, score_path: Any) -> str:
+    """K^T read by the layer's QK^T MatMul; refuses fused attention and masks."""
+    where = f"decoder layer {layer.index}"
+    if layer.probs.layout == "fused" or layer.probs.tensor is None:
+        raise PatternNotFoundError(f"ToMe needs the key tensor of {where}'s attention, but it is a fused "
+                                   "attention op; use --method tggbc, or export with unfused attention")
+    softmax = index.producer.get(layer.probs.tensor)
+    path = score_path(index, softmax) if softmax is not None and softmax.op_type == "Softmax" else None
+    if path is None:
+        raise PatternNotFoundError(f"ToMe could not find the QK^T MatMul before {layer.probs.tensor} ({where}); "
+                                   "name the probabilities with --override layer.N.probs=TENSOR")
+    keys_t = path.qk.input[1]
+    shape = index.shape(keys_t)
+    if shape is None or len(shape) not in (3, 4) or shape[-1] != layer.num_keys:
+        raise PatternNotFoundError(f"ToMe expects K^T [B, h, d, Nk] or [B*h, d, Nk] with Nk={layer.num_keys} at "
+                                   f"{keys_t} ({where}), found shape {shape}")
+    return keys_t
+
+
+def _check_layer(layer: DecoderLayer) -> None:
+    if layer.masks:
+        raise PatternNotFoundError(f"decoder layer {layer.index} applies a key mask ({layer.masks[0].tensor}); "
+                                   "ToMe cannot merge masked keys: use --method tggbc")
+    for pin in layer.key_inputs + layer.value_inputs:
+        if pin.batch_axis is None and pin.key_axis != 0:
+            raise PatternNotFoundError(f"decoder layer {layer.index}: cannot tell the batch axis of {pin.tensor}; "
+                                       "ToMe needs key/value projection inputs [B, Nk, E] or [Nk, B, E]")
+
+
+class _Builder:
+    """Appends ``tome/``-named nodes and initializers to a graph; names are unique."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph, self.count = graph, 0
+        self.helper = require("onnx.helper")
+        self.numpy_helper = require("onnx.numpy_helper")
+
+    def name(self, what: str) -> str:
+        self.count += 1
+        return f"{PREFIX}{what}_{self.count}"
+
+    def const(self, what: str, value: Any) -> str:
+        name = self.name(what)
+        self.graph.initializer.append(self.numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], what: str, outputs: int = 1, **attrs: Any) -> Any:
+        name = self.name(what)
+        outs = [name] if outputs == 1 else [f"{name}:{i}" for i in range(outputs)]
+        self.graph.node.append(self.helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def ints(self, what: str, *values: int) -> str:
+        return self.const(what, np.asarray(values, dtype=np.int64))
+
+    def take_every_other(self, x: str, start: int, n: int) -> str:
+        """x[:, start::2] along axis 1."""
+        return self.op("Slice", [x, self.ints("start", start), self.ints("end", n), self.ints("axis", 1),
+                                 self.ints("step", 2)], "split")
+
+
+@dataclass(frozen=True)
+class _Matching:
+    """Tensors of one matching (all int64): positions in A and B as in methods.tome.Matching."""
+
+    unmerged: str      # [B, Na - r]
+    merged: str        # [B, r]
+    destination: str   # [B, r]
+    step: MergeStep
+
+
+def _metric(b: _Builder, step: MergeStep, batch: int, heads: int) -> str:
+    """K^T -> normalised head-sum of the keys [B, Nk, d]."""
+    kt = b.op("Reshape", [step.keys_t, b.ints("shape", batch, heads, -1, step.num_keys)], "keys")   # [B, h, d, Nk]
+    summed = b.op("ReduceSum", [kt, b.ints("axes", 1)], "head_sum", keepdims=0)                    # [B, d, Nk]
+    metric = b.op("Transpose", [summed], "metric", perm=[0, 2, 1])                                  # [B, Nk, d]
+    norm = b.op("Sqrt", [b.op("ReduceSum", [b.op("Mul", [metric, metric], "sq"), b.ints("axes", -1)],
+                              "sumsq", keepdims=1)], "norm")                                        # [B, Nk, 1]
+    return b.op("Div", [metric, norm], "unit")
+
+
+def _matching(b: _Builder, step: MergeStep, batch: int, heads: int) -> _Matching:
+    """Bipartite soft matching (methods.tome.bipartite_soft_matching) in ONNX ops."""
+    unit = _metric(b, step, batch, heads)
+    na = max_merges(step.num_keys)
+    a = b.take_every_other(unit, 0, step.num_keys)                                                  # [B, Na, d]
+    bt = b.op("Transpose", [b.take_every_other(unit, 1, step.num_keys)], "b_t", perm=[0, 2, 1])     # [B, d, Nb]
+    scores = b.op("MatMul", [a, bt], "similarity")                                                  # [B, Na, Nb]
+    best, best_idx = b.op("TopK", [scores, b.ints("k", 1)], "best", outputs=2, axis=-1, largest=1, sorted=1)
+    best = b.op("Squeeze", [best, b.ints("axes", -1)], "best_sim")                                  # [B, Na]
+    best_idx = b.op("Squeeze", [best_idx, b.ints("axes", -1)], "best_b")                           # [B, Na]
+    _, merged = b.op("TopK", [best, b.ints("k", step.r)], "merged", outputs=2, axis=-1, largest=1, sorted=1)
+    destination = b.op("GatherElements", [best_idx, merged], "destination", axis=1)                 # [B, r]
+    return _Matching(_unmerged(b, merged, batch, na, step.r), merged, destination, step)
+
+
+def _unmerged(b: _Builder, merged: str, batch: int, na: int, r: int) -> str:
+    """Positions in A not in ``merged`` [B, r], ascending: NonZero lists them in row-major order."""
+    flags = b.op("ScatterElements", [b.const("zeros", np.zeros((batch, na), dtype=np.float32)), merged,
+                                     b.const("ones", np.ones((batch, r), dtype=np.float32))], "is_merged", axis=1)
+    kept = b.op("Equal", [flags, b.const("zero", np.zeros((), dtype=np.float32))], "is_kept")     # [B, Na] bool
+    where = b.op("NonZero", [kept], "kept_where")                                                  # [2, B*(Na-r)]
+    positions = b.op("Gather", [where, b.ints("row", 1)], "kept_pos", axis=0)                      # [1, B*(Na-r)]
+    return b.op("Reshape", [positions, b.ints("shape", batch, na - r)], "unmerged")                # [B, Na - r]
+
+
+def _expand_index(b: _Builder, index: str, rows: int, width: int, batch: int) -> str:
+    """[B, M] -> [B, M, C] for GatherElements / ScatterElements along axis 1."""
+    return b.op("Expand", [b.op("Unsqueeze", [index, b.ints("axes", -1)], "idx3"),
+                           b.ints("shape", batch, rows, width)], "idx")
+
+
+def _merge_sum(b: _Builder, x: str, m: _Matching, width: int, batch: int) -> str:
+    """methods.tome.merge_sum: [B, Nk, C] -> [B, Nk - r, C]."""
+    n, r = m.step.num_keys, m.step.r
+    na, nb = max_merges(n), n // 2
+    src, dst = b.take_every_other(x, 0, n), b.take_every_other(x, 1, n)
+    kept = b.op("GatherElements", [src, _expand_index(b, m.unmerged, na - r, width, batch)], "kept", axis=1)
+    moved = b.op("GatherElements", [src, _expand_index(b, m.merged, r, width, batch)], "moved", axis=1)
+    dst = b.op("ScatterElements", [dst, _expand_index(b, m.destination, r, width, batch), moved], "into_b",
+               axis=1, reduction="add")                                                              # [B, Nb, C]
+    del nb
+    return b.op("Concat", [kept, dst], "merged_keys", axis=1)
+
+
+@dataclass
+class _Chains:
+    """Merged copies of per-key tensors, by (original tensor, number of merges applied)."""
+
+    builder: _Builder
+    batch: int
+    matchings: list[_Matching]
+    sizes: list[str]                    # sizes[s]: [B, Nk_s, 1] after s merges (sizes[0] unused: ones)
+    cache: dict[tuple[str, int], str]
+
+    def merged(self, tensor: str, width: int, stage: int) -> str:
+        """``tensor`` [B, Nk, C] after the first ``stage`` merges (size-weighted)."""
+        if stage == 0:
+            return tensor
+        key = (tensor, stage)
+        if key not in self.cache:
+            prev = self.merged(tensor, width, stage - 1)
+            weighted = prev if stage == 1 else self.builder.op("Mul", [prev, self.sizes[stage - 1]], "weighted")
+            summed = _merge_sum(self.builder, weighted, self.matchings[stage - 1], width, self.batch)
+            self.cache[key] = self.builder.op("Div", [summed, self.sizes[stage]], "average")
+        return self.cache[key]
+
+
+def _sizes(b: _Builder, matchings: list[_Matching], batch: int) -> list[str]:
+    """Sizes after each merge: sizes[s] [B, Nk_s, 1]; sizes[0] is ones [B, Nk, 1]."""
+    first = matchings[0].step.num_keys if matchings else 0
+    sizes = [b.const("ones", np.ones((batch, first, 1), dtype=np.float32))]
+    for m in matchings:
+        sizes.append(_merge_sum(b, sizes[-1], m, 1, batch))
+    return sizes
+
+
+def _to_batch_first(b: _Builder, pin: ProjectionInput) -> tuple[str, bool]:
+    """The projection input as [B, Nk, C]; True when it was [Nk, B, C] (transpose back after)."""
+    if pin.key_axis == 1 and pin.batch_axis == 0:
+        return pin.tensor, False
+    if pin.key_axis == 0 and pin.batch_axis == 1:
+        return b.op("Transpose", [pin.tensor], "batch_first", perm=[1, 0, 2]), True
+    if pin.key_axis == 0 and pin.batch_axis is None:
+        return b.op("Unsqueeze", [pin.tensor, b.ints("axes", 0)], "batch_first"), False
+    raise PatternNotFoundError(f"ToMe cannot merge {pin.tensor}: keys on axis {pin.key_axis}, batch on axis "
+                               f"{pin.batch_axis}; it needs [B, Nk, E] or [Nk, B, E]")
+
+
+def _merged_input(chains: _Chains, index: Any, pin: ProjectionInput, stage: int) -> str:
+    """The projection input of a later layer after ``stage`` merges, in its original layout."""
+    b = chains.builder
+    width = int(index.shape(pin.tensor)[-1])
+    source, transposed = _to_batch_first(b, pin)
+    merged = chains.merged(source, width, stage)
+    if transposed:
+        return b.op("Transpose", [merged], "keys_first", perm=[1, 0, 2])
+    if pin.key_axis == 0 and pin.batch_axis is None:
+        return b.op("Squeeze", [merged, b.ints("axes", 0)], "unbatched")
+    return merged
+
+
+def rewrite_tome(model: Any, structure: DecoderStructure, plan: ToMePlan) -> Any:
+    """Insert the merges of ``plan`` into ``model`` (in place) and feed later layers the merged keys."""
+    from edgeprune.passes.matching import GraphIndex
+
+    if not plan.steps:
+        return model
+    index = GraphIndex.build(model)
+    b = _Builder(model.graph)
+    matchings = [_matching(b, step, plan.batch, plan.num_heads) for step in plan.steps]
+    chains = _Chains(b, plan.batch, matchings, _sizes(b, matchings, plan.batch), {})
+    merge_after = [s.layer for s in plan.steps]
+    rewired: dict[tuple[str, int], int] = {}
+    for layer in structure.layers:
+        stage = sum(1 for after in merge_after if after < layer.index)
+        if stage == 0:
+            continue
+        for pin in layer.key_inputs + layer.value_inputs:
+            _rewire(index, pin, _merged_input(chains, index, pin, stage), rewired, stage, layer.index)
+        retarget_key_shapes(model, index, layer, structure.num_keys, plan.keys_per_layer[layer.index], plan.batch)
+    del model.graph.value_info[:]      # shapes of later layers changed; ORT re-infers them
+    toposort(model)
+    return model
+
+
+def _rewire(index: Any, pin: ProjectionInput, tensor: str, rewired: dict[tuple[str, int], int], stage: int,
+            layer: int) -> None:
+    key = (pin.consumer, pin.input_index)
+    if rewired.get(key, stage) != stage:
+        raise PatternNotFoundError(f"the projection {pin.consumer} is shared by decoder layers that see different "
+                                   f"numbers of keys (layer {layer}); ToMe cannot merge for only some of them")
+    rewired[key] = stage
+    index.nodes[pin.consumer].input[pin.input_index] = tensor
+
+
+def retarget_key_shapes(model: Any, index: Any, layer: DecoderLayer, old_keys: int, new_keys: int,
+                        batch: int) -> None:
+    """Rewrite constant Reshape targets on the layer's key path from ``old_keys`` to ``new_keys``.
+
+    Static exports bake Nk (or B*Nk, when a Reshape flattens before a Gemm) into the head
+    reshapes of the key and value projections; the new constants are private to this layer.
+    """
+    numpy_helper = require("onnx.numpy_helper")
+    for name in layer.key_path_nodes:
+        node = index.nodes.get(name)
+        if node is None or node.op_type != "Reshape":
+            continue
+        value = index.value(node.input[1])
+        if value is None:
+            continue
+        shape = np.asarray(value, dtype=np.int64).copy()
+        hits = (shape == old_keys) | (shape == old_keys * batch) if batch > 1 else shape == old_keys
+        if not hits.any():
+            continue
+        shape[shape == old_keys] = new_keys
+        if batch > 1:
+            shape[shape == old_keys * batch] = new_keys * batch
+        new_name = f"{PREFIX}shape_{name}"
+        model.graph.initializer.append(numpy_helper.from_array(shape, new_name))
+        node.input[1] = new_name
+
+
+def toposort(model: Any) -> None:
+    """Order ``model.graph.node`` topologically (in place; stable for already ordered nodes)."""
+    graph = model.graph
+    produced = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    deps = [{produced[x] for x in n.input if x in produced} for n in graph.node]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    import heapq
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(graph.node):
+        from edgeprune.errors import InternalError
+        raise InternalError("the ToMe rewrite created a cycle in the graph")
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def apply_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> Any:
+    """Plan and rewrite in one call (``model`` is modified and returned)."""
+    plan = plan_tome(model, structure, config)
+    log.info("ToMe: merges after layers %s, keys per layer %s", [s.layer for s in plan.steps],
+             list(plan.keys_per_layer))
+    return rewrite_tome(model, structure, plan)
