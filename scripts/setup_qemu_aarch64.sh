@@ -88,7 +88,7 @@ unpack_packages() {
 
 pip_install_runtime() {
     mkdir -p "$SITE"
-    "$HOST_PYTHON" -m pip install -q --upgrade --no-compile \
+    "$HOST_PYTHON" -m pip install -q --upgrade --no-compile --root-user-action=ignore \
         --only-binary=:all: --implementation cp --python-version "$PYVER" \
         --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 \
         --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \

@@ -78,7 +78,9 @@ def test_bench_over_ssh_end_to_end_twice(loopback_sshd, loopback_profile, models
     assert code == 0, err
     data = json.loads((tmp_path / "r1.json").read_text())
     assert data["device"] == "loopback" and data["env"]["transport"] == "ssh"
-    assert data["env"]["host"] == "127.0.0.1" and data["env"]["threads"] == 1    # the profile's threads
+    user = loopback_sshd.profile_dict()["user"]
+    assert data["env"]["host"] == f"{user}@127.0.0.1:{loopback_sshd.port}"
+    assert data["env"]["threads"] == 1 and data["request"]["threads"] == 1     # the profile's threads
     assert [m["path"] for m in data["models"]] == [str(a), str(b)]               # local paths again
     assert [m["sha256"] for m in data["models"]] == [sha256_file(a), sha256_file(b)]
     assert [len(m["samples_ms"]) for m in data["models"]] == [5, 5] and len(data["speedups"]) == 1
@@ -140,6 +142,7 @@ def test_sshd_killed_mid_run(loopback_sshd, loopback_profile, models, tmp_path, 
     watcher.join(5)
     assert killed.is_set()
     assert code == 2 and "connection to device loopback was lost" in _one_line_error(err)
+    assert len(err.strip().splitlines()) == 1, err
     assert elapsed < 20     # the 30 s budget did not run out: the drop was noticed at once
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("r.", ".r."))) == []
 
@@ -280,3 +283,23 @@ def test_devices_clean_removes_the_cache(loopback_sshd, loopback_profile, models
     assert _board_files(loopback_sshd) == [f"models/{sha256_file(models[0])}.onnx"]
     assert cli_main.main(["devices", "clean", "loopback"]) == 0
     assert "removed 1 file(s)" in capsys.readouterr().out and _board_files(loopback_sshd) == []
+
+
+def test_ssh_config_alias_and_npz_inputs(loopback_sshd, models, tmp_path):
+    """host is a Host alias of an OpenSSH client config; --inputs .npz is pushed into the cache."""
+    a, _, weights = models
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host board-alias\n  HostName 127.0.0.1\n  Port {loopback_sshd.port}\n"
+                      f"  User {loopback_sshd.profile_dict()['user']}\n  IdentityFile {loopback_sshd.key_file}\n")
+    profile = _profile(loopback_sshd, host="board-alias", port=None, user=None, key_file=None,
+                       ssh_config=str(config))
+    x = np.linspace(-1, 1, 4 * 24, dtype=np.float32).reshape(4, 24)
+    np.savez(tmp_path / "in.npz", x=x)
+    with SshRunner(profile) as runner:
+        result = runner.run({"models": [{"name": "a", "path": str(a)}], "repeats": 1, "return_outputs": True,
+                             "inputs": {"npz": str(tmp_path / "in.npz")}})
+    assert result["error"] is None and result["models"][0]["inputs"] == {"x": [[4, 24], "float32"]}
+    np.testing.assert_allclose(np.array(result["models"][0]["outputs"]["y"]), chain_oracle(x, weights),
+                               rtol=1e-4, atol=1e-5)
+    assert sorted(_board_files(loopback_sshd)) == sorted(
+        [f"models/{sha256_file(a)}.onnx", f"models/{sha256_file(tmp_path / 'in.npz')}.npz"])

@@ -201,6 +201,9 @@ def connection_error(profile: DeviceProfile, target: SshTarget, exc: Exception,
         message = _socket_message(exc, where, profile.connect_timeout_s)
         if message is not None:
             return DeviceError(message)
+    if isinstance(exc, paramiko.SSHException) and "No authentication methods available" in str(exc):
+        return DeviceError(f"no SSH key to log in to {where}: set 'key_file' in {profile.source}, add an "
+                           f"IdentityFile for it to ~/.ssh/config, or load a key into ssh-agent")
     if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
         return DeviceError(f"host key of {where} is not in {known_hosts} and host_key_check is 'yes'; "
                            f"connect once with ssh -p {target.port} {target.user}@{target.hostname} to accept "

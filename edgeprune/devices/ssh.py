@@ -153,13 +153,9 @@ class SshRunner:
             raise InternalError("SshRunner.deactivate() called on an inactive runner")
         try:
             if self._alive():
-                if self._remote_pid is not None:
-                    self._kill_remote(self._remote_pid)
                 self._remove_tree(self.session_dir)
-            elif self.session_dir:
-                log.warning("device %s: connection lost; %s stays on the board (remove it, or run "
-                            "`edgeprune devices clean %s`)", self.profile.name, self.session_dir,
-                            self.profile.name)
+            else:
+                log.debug("device %s: connection lost, %s stays on the board", self.profile.name, self.session_dir)
         finally:
             self._close()
 
@@ -295,8 +291,9 @@ class SshRunner:
     # ------------------------------------------------------------ running
 
     def _python(self) -> str:
+        """The profile's python as shell words; a leading ``~/`` still means the home dir."""
         words = shlex.split(self.profile.python or "python3")
-        return " ".join(shlex.quote(w) for w in words)
+        return " ".join('"$HOME"/' + shlex.quote(w[2:]) if w.startswith("~/") else shlex.quote(w) for w in words)
 
     def _run_agent(self, req_path: str, res_path: str, timeout: float) -> CommandResult:
         """Start the agent in the background of a shell that reports its pid, then wait for it.
@@ -309,6 +306,10 @@ class SshRunner:
                    f"pid=$!\necho \"{PID_PREFIX}$pid\"\nwait $pid\n")
         try:
             return self._exec(command, timeout, on_stderr=self._progress_line)
+        except KeyboardInterrupt:
+            if self._remote_pid is not None and self._alive():
+                self._kill_remote(self._remote_pid)
+            raise
         finally:
             self._remote_pid = None
 
@@ -349,8 +350,8 @@ class SshRunner:
             channel.close()
         if status == -1 and not self._alive():
             raise DeviceError(f"connection to device {self.profile.name} was lost while the agent ran "
-                              f"(sshd stopped, board rebooted or network down); the run is void, retry "
-                              f"when `edgeprune devices check {self.profile.name}` passes")
+                              f"(sshd stopped, board rebooted or network down); the run is void: retry when "
+                              f"`edgeprune devices check {self.profile.name}` passes{self._leftovers()}")
         return CommandResult(status, "\n".join(stdout), tuple(tail))
 
     def _pump(self, channel: Any, out: _Lines, err: _Lines, timeout: float) -> None:
@@ -364,13 +365,12 @@ class SshRunner:
             if channel.recv_stderr_ready():
                 err.feed(channel.recv_stderr(65536))
                 busy = True
-            if busy:
-                continue
-            if channel.exit_status_ready():
+            if not busy and channel.exit_status_ready():
                 break
             if time.monotonic() > deadline:
                 self._on_timeout(timeout)
-            time.sleep(POLL_S)
+            if not busy:
+                time.sleep(POLL_S)
         out.flush()
         err.flush()
 
@@ -460,8 +460,7 @@ class SshRunner:
                                   f"run again to upload it afresh")
             model["path"], model["remote_path"] = local, remote
         if isinstance(result.get("env"), dict):
-            result["env"].update(device=self.profile.name, transport="ssh",
-                                 host=self._client.get_transport().getpeername()[0])
+            result["env"].update(device=self.profile.name, transport="ssh", host=self.profile.destination())
         return result
 
     # ------------------------------------------------------------ remote files
@@ -484,13 +483,18 @@ class SshRunner:
         name = self.profile.name
         if not self._alive():
             return DeviceError(f"connection to device {name} was lost while {what} (sshd stopped, board "
-                               f"rebooted or network down)")
+                               f"rebooted or network down){self._leftovers()}")
         if isinstance(exc, socket.timeout):
             return DeviceError(f"device {name} did not answer within {self.profile.connect_timeout_s:g} s while "
                                f"{what}; raise connect_timeout_s in {self.profile.source} on a slow link")
         hint = f"; check 'workdir' ({self.profile.workdir}) in {self.profile.source}" if isinstance(
             exc, PermissionError) else ""
         return DeviceError(f"{what} on device {name} failed: {exc or type(exc).__name__}{hint}")
+
+    def _leftovers(self) -> str:
+        if not self.session_dir:
+            return ""
+        return f"; `edgeprune devices clean {self.profile.name}` removes what stays in {self.session_dir}"
 
     def _alive(self) -> bool:
         transport = self._client.get_transport() if self._client is not None else None

@@ -98,14 +98,14 @@ def _min_python(root: Path) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def _pip(args: list[str], what: str) -> None:
+def _pip(args: list[str], what: str, hint: str = "") -> None:
     command = [sys.executable, "-m", "pip", *args]
     log.debug("running %s", " ".join(command))
     done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR:")]
         reason = " / ".join(errors[-2:]) or (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PackagingError(f"{what} failed: {reason}")
+        raise PackagingError(f"{what} failed: {reason}{hint}")
 
 
 def build_wheel(out_dir: Path, source: str | Path | None = None, build_isolation: bool = True) -> Path:
@@ -130,10 +130,11 @@ def _download(out_dir: Path, wheel: Path, platform: str, python: str, ort_versio
     tags = [arg for tag in platform_tags(platform) for arg in ("--platform", tag)]
     pins = [f"onnxruntime=={ort_version}"] if ort_version else []
     _pip(["download", "-q", "--only-binary=:all:", "--implementation", "cp", "--python-version", python, *tags,
-          "-d", str(out_dir), f"{wheel}[{EXTRAS}]", *pins],
+         "-d", str(out_dir), f"{wheel}[{EXTRAS}]", *pins],
          f"downloading numpy/onnxruntime{'==' + ort_version if ort_version else ''} wheels for {platform}, "
-         f"Python {python} (onnxruntime >= 1.17 needs manylinux_2_27 or newer; check the board's glibc with "
-         f"`ldd --version` and pass a matching --platform)")
+         f"Python {python}",
+         "; onnxruntime >= 1.17 needs manylinux_2_27 or newer: pass the board's glibc level (`ldd --version` "
+         "on the board, e.g. 2.35 -> --platform manylinux_2_35_aarch64)")
 
 
 def build_wheelhouse(out_dir: str | Path, platform: str = DEFAULT_PLATFORM, python: str = DEFAULT_PYTHON,
@@ -153,6 +154,7 @@ def build_wheelhouse(out_dir: str | Path, platform: str = DEFAULT_PLATFORM, pyth
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ParameterError(f"-o {out} is a file; give a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
@@ -162,5 +164,7 @@ def build_wheelhouse(out_dir: str | Path, platform: str = DEFAULT_PLATFORM, pyth
             path.replace(out / path.name)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()   # failed before anything landed: leave no empty directory behind
     return Wheelhouse(directory=out, edgeprune_wheel=out / wheel.name, wheels=tuple(sorted(out.glob("*.whl"))),
                       platform=platform, python=python, onnxruntime_version=onnxruntime_version)
