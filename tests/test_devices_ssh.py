@@ -60,6 +60,16 @@ def _board_files(sshd: LoopbackSshd) -> list[str]:
     return sorted(str(p.relative_to(sshd.board_dir)) for p in sshd.board_dir.rglob("*") if p.is_file())
 
 
+def _agent_running(board_dir: Path) -> bool:
+    for pid in processes_under(board_dir):
+        try:
+            if b"agent.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:   # exited meanwhile
+            continue
+    return False
+
+
 def _profile(sshd: LoopbackSshd, **overrides) -> object:
     return profile_from_dict(sshd.profile_dict(**overrides), "test profile", "loopback")
 
@@ -127,8 +137,7 @@ def test_sshd_killed_mid_run(loopback_sshd, loopback_profile, models, tmp_path, 
     def kill_when_agent_runs() -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if any("agent.py" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-                   for pid in processes_under(loopback_sshd.board_dir) if Path(f"/proc/{pid}").exists()):
+            if _agent_running(loopback_sshd.board_dir):
                 time.sleep(0.3)   # let it get into the timed loop
                 loopback_sshd.kill()
                 killed.set()

@@ -148,7 +148,7 @@ class SshRunner:
         log.debug("device %s: session %s", self.profile.name, self.session_dir)
 
     def deactivate(self) -> None:
-        """Stop a still running agent, remove this session's files, close the connection."""
+        """Remove this session's files (when the board is still reachable), close the connection."""
         if not self.is_active:
             raise InternalError("SshRunner.deactivate() called on an inactive runner")
         try:
@@ -195,9 +195,10 @@ class SshRunner:
             timeout = self.profile.command_timeout_s + float(request.get("time_budget_s") or 0.0)
             completed = self._run_agent(req_path, res_path, timeout)
             result = self._read_result(res_path, completed)
-        finally:
-            if self._alive():
-                self._remove_files([req_path, res_path])
+        except BaseException:
+            self._remove_after_error([req_path, res_path])
+            raise
+        self._remove_files([req_path, res_path])
         self._raise_for_board_error(result)
         return self._localize(result, locals_by_remote)
 
@@ -268,8 +269,7 @@ class SshRunner:
                 self._sftp.put(str(path), partial)
                 self._sftp.posix_rename(partial, target)
         except DeviceError:
-            if self._alive():
-                self._remove_files([partial])
+            self._remove_after_error([partial])
             raise
         self.uploads.append(digest)
         return target
@@ -541,6 +541,15 @@ class SshRunner:
             except DeviceError as exc:
                 if not isinstance(exc.__cause__, FileNotFoundError):
                     raise
+
+    def _remove_after_error(self, paths: list[str]) -> None:
+        """Best-effort removal while another error propagates (that one is the one to report)."""
+        if not self._alive():
+            return
+        try:
+            self._remove_files(paths)
+        except DeviceError as exc:
+            log.warning("device %s: %s", self.profile.name, exc)
 
     def _remove_tree(self, path: str) -> None:
         """Remove a flat directory (the session dir or the model cache) and its files."""
