@@ -102,12 +102,17 @@ def test_fp16_conversion_missing_is_a_clear_error(models, tmp_path, capsys, monk
 @pytest.mark.skipif(not HAS_FP16_PASS, reason="needs edgeprune.passes.fp16 (rewrite issue)")
 def test_precision_both(models, tmp_path, capsys):
     paths, weights = models
-    code, _, err = _bench(capsys, paths["a"], "--precision", "both", "--free-dim", "batch=2", "--repeats", "3",
-                          "--json", tmp_path / "r.json")
+    code, out, err = _bench(capsys, paths["a"], "--precision", "both", "--free-dim", "batch=2", "--repeats", "3",
+                            "--profile", "--json", tmp_path / "r.json")
     assert code == 0, err
     data = json.loads((tmp_path / "r.json").read_text())
     assert [(m["name"], m["precision"]) for m in data["models"]] == [("a-fp32", "fp32"), ("a-fp16", "fp16")]
     assert data["models"][1]["source"] == str(paths["a"]) and data["speedups"][0]["baseline"] == "a-fp32"
+    assert data["models"][1]["inputs"]["x"][1] == "float32"          # converter keeps fp32 I/O
+    for m in data["models"]:     # the fp16 copy's graph is read for the profile before it is deleted
+        layers = [row["key"] for row in m["profile_summary"]["by_layer"]]
+        assert layers[:2] == ["layer 0", "layer 1"]
+    assert out.count("profile of a-fp") == 2
 
 
 @pytest.mark.parametrize("argv, needle", [

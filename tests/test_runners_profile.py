@@ -78,6 +78,36 @@ def test_graph_layers_from_dynamo_scopes_and_decoder_map(tmp_path):
     assert [(r.key, r.total_us) for r in s.by_layer] == [("layer 0", 1.0), ("layer 1", 2.0), ("other", 4.0)]
 
 
+def _save_graph(path, nodes, n_inputs=1):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [2])
+                                           for i in range(n_inputs)],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_generic_names_inherit_their_producers_layer(tmp_path):
+    """onnxsim renames fused nodes (Gemm_4); they take the layer of their inputs when unambiguous."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Relu", ["x0"], ["a"], name="/decoder/layers.0/Relu"),
+             helper.make_node("Relu", ["a"], ["b"], name="Gemm_4"),                       # -> layer 0
+             helper.make_node("Relu", ["b"], ["c"], name="/decoder/layers.1/Relu"),
+             helper.make_node("Relu", ["x0"], ["d"], name="/head/Relu"),                  # scoped, no layer
+             helper.make_node("Add", ["c", "d"], ["e"], name="Add_7"),                    # layer 1 + other -> 1
+             helper.make_node("Add", ["b", "c"], ["f"], name="Add_8"),                    # layers 0 and 1: ambiguous
+             helper.make_node("Relu", ["x0"], ["g"], name="Relu_9")]                      # graph input only
+    _save_graph(tmp_path / "ts.onnx", nodes)
+    assert graph_node_layers(tmp_path / "ts.onnx") == {
+        "/decoder/layers.0/Relu": 0, "Gemm_4": 0, "/decoder/layers.1/Relu": 1, "Add_7": 1}
+    unscoped = [helper.make_node("Relu", ["x0"], ["a"], name="node_relu"),
+                helper.make_node("Relu", ["a"], ["b"], name="node_relu_1")]
+    _save_graph(tmp_path / "dyn.onnx", unscoped)
+    assert graph_node_layers(tmp_path / "dyn.onnx") == {}      # nothing to propagate from: all "other"
+
+
 def test_real_profile_of_a_layered_model(tmp_path):
     path = tmp_path / "m.onnx"
     matmul_chain(path, 32, layers=3)

@@ -164,17 +164,12 @@ def _write_outputs(report: Any, args: argparse.Namespace) -> None:
 
 
 def _print_profiles(report: Any, top: int) -> None:
-    from edgeprune._lazy import available
-    from edgeprune.runners.profile import aggregate, format_profile, graph_node_layers
+    from edgeprune.runners.profile import format_profile
 
-    with_graph = available("onnx")
-    if not with_graph:
-        log.info("profile: decoder layers from node names only (install onnx to read dynamo name scopes)")
     for m in report.models:
-        if m.profile is not None:
-            node_layers = graph_node_layers(m.spec.path) if with_graph else {}
+        if m.profile_summary is not None:
             print()
-            print(format_profile(aggregate(m.profile, node_layers, m.name), top=top))
+            print(format_profile(m.profile_summary, top=top))
 
 
 def run(args: argparse.Namespace) -> int:

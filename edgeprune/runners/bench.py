@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from edgeprune._lazy import available
 from edgeprune.errors import ParameterError
 from edgeprune.runners.precision import plan_models
+from edgeprune.runners.profile import graph_node_layers
 from edgeprune.runners.results import BenchReport, ModelSpec, build_report
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,16 @@ def run_bench(specs: Sequence[ModelSpec], options: BenchOptions, runner: Runner,
              ", interleaved" if options.interleave and len(specs) > 1 else "")
     log.debug("request: %s (%d timed runs at most)", request, total)
     result = runner.run(request)
-    return build_report(result, specs, device=device, request=request)
+    node_layers = _profile_layers(specs) if options.profile else {}
+    return build_report(result, specs, device=device, request=request, node_layers=node_layers)
+
+
+def _profile_layers(specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:
+    """Node -> decoder layer per model, read from the graphs while the (fp16) files exist."""
+    if not available("onnx"):
+        log.info("profile: decoder layers from node names only (install onnx to read dynamo name scopes)")
+        return {}
+    return {s.name: graph_node_layers(s.path) for s in specs}
 
 
 def benchmark(paths: Sequence[str | Path], options: BenchOptions = BenchOptions(), *,

@@ -8,8 +8,12 @@ decoder scope). The module path is
 * the node name, as the TorchScript exporter writes it (``/layers.3/cross_attn/MatMul``);
 * with the graph at hand (:func:`graph_node_layers`, needs ``onnx``): the node's
   ``pkg.torch.onnx.name_scopes`` / ``namespace`` metadata, as the dynamo exporter writes it
-  for nodes named ``node_MatMul_12``; and the producers of the tensors that
-  ``edgeprune.decoder_map`` (written by ``edgeprune export``) records per layer.
+  for nodes named ``node_MatMul_12``; the producers of the tensors that
+  ``edgeprune.decoder_map`` (written by ``edgeprune export``) records per layer; and for
+  nodes onnxsim renamed (``Gemm_4``), the layer of their producers.
+
+Limit: a dynamo export whose node metadata was dropped (onnxsim does) has only the decoder
+map's few tensors per layer to go by; most of its nodes then count as ``other``.
 
 Nodes of no layer are summed as ``other``.
 """
@@ -79,16 +83,44 @@ def _decoder_map_layers(model: Any) -> dict[str, int]:
     return {node.name: wanted[out] for node in model.graph.node for out in node.output if out in wanted}
 
 
+def _is_scoped(node: Any) -> bool:
+    """True when the node's module path is known (a ``/``-scoped name or dynamo metadata)."""
+    return "/" in node.name or any(p.key in (NAME_SCOPES_KEY, NAMESPACE_KEY) for p in node.metadata_props)
+
+
+def _propagate(node: Any, labels: Mapping[str, int | None], producers: Mapping[str, str]) -> int | None:
+    """Layer of a generically named node (``Gemm_4``, renamed by onnxsim): its producers' layer
+    when they agree on exactly one."""
+    found = {labels.get(producers[i]) for i in node.input if i in producers} - {None}
+    return found.pop() if len(found) == 1 else None
+
+
 def graph_node_layers(path: str | Path) -> dict[str, int]:
-    """Node name -> decoder layer, from the graph's node metadata and decoder map (needs onnx)."""
+    """Node name -> decoder layer, read from the graph (needs onnx).
+
+    Sources, strongest first: producers of the tensors ``edgeprune.decoder_map`` records per
+    layer; the module path of scoped nodes (name or dynamo metadata); and, in graphs that have
+    scoped names, the producers' layer for generically named nodes (onnxsim renames the Gemm it
+    fuses from MatMul + Add to ``Gemm_<n>``). Graph nodes are in topological order (ONNX rule),
+    so producers are labelled before their consumers.
+    """
     onnx = require("onnx")
     model = onnx.load(str(path), load_external_data=False)
-    scopes = {node.name: _node_scope(node) for node in model.graph.node}
+    nodes = list(model.graph.node)
+    anchors = _decoder_map_layers(model)
+    scopes = {node.name: _node_scope(node) for node in nodes}
     decoder_scoped = any("decoder" in scope for scope in scopes.values())
-    mapping = {name: layer for name, layer in
-               ((n, layer_from_name(scope, decoder_scoped)) for n, scope in scopes.items()) if layer is not None}
-    mapping.update(_decoder_map_layers(model))
-    return mapping
+    scoped_graph = any(_is_scoped(node) for node in nodes)
+    producers = {out: node.name for node in nodes for out in node.output if out}
+    labels: dict[str, int | None] = {}
+    for node in nodes:
+        if node.name in anchors:
+            labels[node.name] = anchors[node.name]
+        elif _is_scoped(node):
+            labels[node.name] = layer_from_name(scopes[node.name], decoder_scoped)
+        else:
+            labels[node.name] = _propagate(node, labels, producers) if scoped_graph else None
+    return {name: layer for name, layer in labels.items() if layer is not None and name}
 
 
 def _rows(totals: Mapping[str, float], counts: Mapping[str, int], grand: float,
@@ -148,8 +180,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]], node_layers: Mapping[str, int] 
 
 
 def _format_rows(title: str, rows: Sequence[ProfileRow], width: int) -> list[str]:
-    lines = [f"  {title:<{width}}  {'us/run':>10}  {'share':>6}  {'nodes':>5}"]
-    lines += [f"  {r.key:<{width}}  {r.total_us:>10.1f}  {r.share:>6.1%}  {r.nodes:>5}" for r in rows]
+    lines = [f"  {title:<{width}}  {'ms/run':>10}  {'share':>6}  {'nodes':>5}"]
+    lines += [f"  {r.key:<{width}}  {r.total_us / 1000.0:>10.3f}  {r.share:>6.1%}  {r.nodes:>5}" for r in rows]
     return lines
 
 
@@ -161,7 +193,7 @@ def format_profile(summary: ProfileSummary, top: int = 15) -> str:
     lines += _format_rows("op type", shown, width)
     rest = summary.by_op_type[top:]
     if rest:
-        lines.append(f"  ... {len(rest)} more op types, {sum(r.total_us for r in rest):.1f} us")
+        lines.append(f"  ... {len(rest)} more op types, {sum(r.total_us for r in rest) / 1000.0:.3f} ms")
     if summary.by_layer:
         lines += _format_rows("decoder layer", summary.by_layer, width)
     return "\n".join(lines)

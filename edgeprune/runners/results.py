@@ -7,12 +7,13 @@ checks and speedups against the first model.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from edgeprune import __version__
 from edgeprune.errors import (
     DependencyError, DeviceError, InternalError, InvalidModelError, ModelNotFoundError, ParameterError, UserError,
 )
+from edgeprune.runners.profile import ProfileSummary, aggregate
 from edgeprune.runners.stats import DriftCheck, LatencyStats, Speedup, detect_drift, speedup, summarize
 
 AGENT_VERSION = 1
@@ -57,6 +58,7 @@ class ModelResult:
     stats: LatencyStats
     drift: DriftCheck
     profile: tuple[dict, ...] | None = None  # {"op_type", "node", "provider", "dur_us"} per node
+    profile_summary: ProfileSummary | None = None   # by op type and decoder layer
     outputs: dict[str, Any] | None = None
 
     @property
@@ -84,7 +86,8 @@ class BenchReport:
                          drift=dict(asdict(m.drift), drifting=m.drift.drifting),
                          providers_used=list(m.providers_used), samples_ms=list(m.samples_ms),
                          sample_start_s=list(m.sample_start_s), warmup_ms=list(m.warmup_ms),
-                         metadata=m.metadata, profile=list(m.profile) if m.profile is not None else None)
+                         metadata=m.metadata, profile=list(m.profile) if m.profile is not None else None,
+                         profile_summary=asdict(m.profile_summary) if m.profile_summary is not None else None)
             if m.outputs is not None:
                 entry["outputs"] = m.outputs
             models.append(entry)
@@ -107,27 +110,33 @@ def raise_for_error(result: dict[str, Any], device: str) -> None:
     raise exc_type(f"on device {device}: {kind}: {error.get('message', '')}")
 
 
-def _model_result(spec: ModelSpec, raw: dict[str, Any]) -> ModelResult:
+def _model_result(spec: ModelSpec, raw: dict[str, Any], node_layers: Mapping[str, int]) -> ModelResult:
     samples = tuple(float(x) for x in raw["samples_ms"])
+    profile = tuple(raw["profile"]) if raw.get("profile") is not None else None
     return ModelResult(
         spec=spec, sha256=raw["sha256"], inputs=raw["inputs"], samples_ms=samples,
         sample_start_s=tuple(float(x) for x in raw.get("sample_start_s", ())),
         warmup_ms=tuple(float(x) for x in raw["warmup_ms"]),
         providers_used=tuple(raw.get("providers_used") or ()), metadata=dict(raw.get("metadata") or {}),
         stats=summarize(samples), drift=detect_drift(samples),
-        profile=tuple(raw["profile"]) if raw.get("profile") is not None else None,
-        outputs=raw.get("outputs"),
+        profile=profile, outputs=raw.get("outputs"),
+        profile_summary=aggregate(profile, node_layers, spec.name) if profile is not None else None,
     )
 
 
 def build_report(result: dict[str, Any], specs: Sequence[ModelSpec], *, device: str,
-                 request: dict[str, Any]) -> BenchReport:
-    """Check the agent's answer and compute statistics, drift and speedups vs ``specs[0]``."""
+                 request: dict[str, Any], node_layers: Mapping[str, Mapping[str, int]] | None = None) -> BenchReport:
+    """Check the agent's answer and compute statistics, drift and speedups vs ``specs[0]``.
+
+    ``node_layers`` maps a model name to its node -> decoder layer map for the profile
+    (:func:`edgeprune.runners.profile.graph_node_layers`); without it layers come from node names.
+    """
     raise_for_error(result, device)
     raw_models = result.get("models") or []
     if len(raw_models) != len(specs):
         raise InternalError(f"agent on {device} returned {len(raw_models)} models for {len(specs)} requested")
-    models = tuple(_model_result(spec, raw) for spec, raw in zip(specs, raw_models))
+    node_layers = node_layers or {}
+    models = tuple(_model_result(spec, raw, node_layers.get(spec.name, {})) for spec, raw in zip(specs, raw_models))
     if any(not m.samples_ms for m in models):
         raise UserError(f"a model on {device} produced no timed samples; use --repeats >= 1")
     interleaved = bool(request.get("interleave", True))
