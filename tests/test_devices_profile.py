@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,33 @@ def test_platform_tags_expand_to_older_glibc():
     assert platform_tags("manylinux2014_aarch64") == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
     assert "manylinux1_x86_64" in platform_tags("manylinux_2_17_x86_64")
     assert platform_tags("linux_armv7l") == ["linux_armv7l"]
+
+
+def _old_python(version: str) -> str | None:
+    """An installed python<version> that actually starts (pyenv shims may not)."""
+    import glob
+    import shutil
+    import subprocess
+
+    candidates = sorted(glob.glob(str(Path.home() / ".pyenv" / "versions" / f"{version}.*" / "bin" / f"python{version}")))
+    candidates += [p for p in (shutil.which(f"python{version}"),) if p]
+    for path in candidates:
+        if subprocess.run([path, "-c", "pass"], capture_output=True).returncode == 0:
+            return path
+    return None
+
+
+@pytest.mark.parametrize("version, verdict", [
+    ("2.7", "BAD python: 2.7"),
+    ("3.6", "-m pip install onnxruntime==1.10.0"),   # newest onnxruntime wheel for Python 3.6
+])
+def test_devices_check_with_old_pythons(device_config, tmp_path, capsys, version, verdict):
+    """The probe must answer even on a Python the agent cannot run on (skipped if none installed)."""
+    python = _old_python(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this machine")
+    profile = tmp_path / "old.json"
+    profile.write_text(json.dumps({"transport": "local", "python": python}))
+    assert cli_main.main(["devices", "check", str(profile)]) == 1
+    out = capsys.readouterr().out
+    assert verdict in out and "not ready" in out

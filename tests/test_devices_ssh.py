@@ -8,6 +8,7 @@ that does not exist / lacks onnxruntime / crashes / hangs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -81,7 +82,12 @@ def _script(tmp_path: Path, name: str, body: str) -> str:
     return str(path)
 
 
-def test_bench_over_ssh_end_to_end_twice(loopback_sshd, loopback_profile, models, tmp_path, capsys):
+def _uploads_logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "uploading" in r.getMessage()]
+
+
+def test_bench_over_ssh_end_to_end_twice(loopback_sshd, loopback_profile, models, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="edgeprune.devices")
     a, b, _ = models
     argv = [a, b, "--device", "loopback", "--free-dim", "batch=2", "--repeats", "5", "--warmup", "1"]
     code, out, err, _ = _bench(capsys, *argv, "--json", tmp_path / "r1.json")
@@ -97,6 +103,8 @@ def test_bench_over_ssh_end_to_end_twice(loopback_sshd, loopback_profile, models
     cached = [f"models/{sha256_file(p)}.onnx" for p in (a, b)]
     assert _board_files(loopback_sshd) == sorted(cached)      # agent, request, result all gone
     before = {name: os.stat(loopback_sshd.board_dir / name) for name in cached}
+    assert len(_uploads_logged(caplog)) == 2
+    caplog.clear()
 
     code, _, err, _ = _bench(capsys, *argv, "--json", tmp_path / "r2.json")
     assert code == 0, err
@@ -104,7 +112,7 @@ def test_bench_over_ssh_end_to_end_twice(loopback_sshd, loopback_profile, models
     for name, stat in before.items():   # not uploaded again: same inode, same mtime
         after = os.stat(loopback_sshd.board_dir / name)
         assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
-    assert "uploading a.onnx" not in err
+    assert _uploads_logged(caplog) == []
 
 
 def test_runner_uploads_once_and_returns_outputs(loopback_sshd, models):

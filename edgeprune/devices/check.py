@@ -32,7 +32,7 @@ info = {"python": platform.python_version(), "executable": sys.executable,
         "machine": platform.machine(), "system": platform.system(),
         "libc": " ".join(platform.libc_ver()).strip(),
         "cpu_count": getattr(os, "cpu_count", lambda: None)(),
-        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,  # novermin
         "jetson": os.path.exists("/etc/nv_tegra_release"), "os": None}
 try:
     for line in open("/etc/os-release"):
@@ -151,7 +151,7 @@ def _affinity_findings(profile: DeviceProfile, info: dict[str, Any]) -> list[Fin
 def findings_for(profile: DeviceProfile, info: dict[str, Any]) -> tuple[Finding, ...]:
     """Turn a probe answer into findings with fixes."""
     system = f"{info['machine']}, {info.get('os') or info['system']}, {info.get('libc') or 'libc ?'}, " \
-             f"{info.get('cpu_count')} cpus"
+             f"{info.get('cpu_count') or '?'} cpus"
     findings = [Finding("board", True, system)] + _python_findings(profile, info)
     return tuple(findings + _provider_findings(profile, info) + _affinity_findings(profile, info))
 
