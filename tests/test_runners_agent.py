@@ -160,6 +160,8 @@ def test_affinity_is_applied_and_restored(chain):
     ({"models": [{"name": "nope", "path": "/nonexistent/m.onnx"}]}, "ModelNotFound"),
     ({"repeats": 0}, "BadRequest"),
     ({"repeat": 3}, "BadRequest"),
+    ({"time_budget_s": "soon"}, "BadRequest"),
+    ({"inputs": {"npz": "/nonexistent/in.npz"}}, "InputError"),
 ])
 def test_error_kinds(chain, request_patch, kind):
     path, _ = chain

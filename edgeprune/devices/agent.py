@@ -128,11 +128,14 @@ def _normalize_request(request):
     _check_int(req["repeats"], "repeats", 1)
     if req["threads"] is not None:
         _check_int(req["threads"], "threads", 0)
-    if req["time_budget_s"] is not None and not (float(req["time_budget_s"]) > 0):
-        raise AgentError("BadRequest", "time_budget_s must be > 0 or null, got %r" % (req["time_budget_s"],))
+    budget = req["time_budget_s"]
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+        raise AgentError("BadRequest", "time_budget_s must be a number > 0 or null, got %r" % (budget,))
     req["providers"] = _normalize_providers(req["providers"])
     inputs = dict({"seed": 0, "free_dims": {}, "npz": None}, **(req["inputs"] or {}))
     _check_int(inputs["seed"], "inputs.seed", 0)
+    if inputs["npz"] is not None and not os.path.isfile(inputs["npz"]):
+        raise AgentError("InputError", "input file %s does not exist" % (inputs["npz"],))
     req["inputs"] = inputs
     return req
 
