@@ -56,7 +56,8 @@ class DeviceProfile:
     ssh_config: str | None = None       # OpenSSH client config file; None: ~/.ssh/config if it exists
     known_hosts: str | None = None      # None: ~/.ssh/known_hosts
     host_key_check: str = "accept-new"  # yes | accept-new | no
-    python: str | None = None           # board interpreter; None: "python3" (ssh), this one (local)
+    python: str | None = None           # board interpreter (None: "python3"); for local profiles only
+                                        # `devices check` uses it: bench runs local models in-process
     providers: Providers = (("CPUExecutionProvider", {}),)
     threads: int | None = None
     affinity: tuple[int, ...] | None = None

@@ -512,16 +512,20 @@ class SshRunner:
         return relative.rstrip("/") if relative.startswith("/") else remote_join(home, relative)
 
     def _makedirs(self, path: str) -> None:
-        current = ""
-        for part in path.split("/"):
-            current = f"{current}/{part}" if current or path.startswith("/") else part
-            if not part or self._remote_size(current) is not None:
+        """``mkdir -p`` over SFTP; tolerates another session creating the same dirs meanwhile."""
+        if self._remote_size(path) is not None:
+            return
+        prefix = "/" if path.startswith("/") else ""
+        parts = [p for p in path.split("/") if p]
+        for depth in range(1, len(parts) + 1):
+            current = prefix + "/".join(parts[:depth])
+            if self._remote_size(current) is not None:
                 continue
             with self._guard(f"creating {current}"):
                 try:
                     self._sftp.mkdir(current, 0o755)
                 except OSError:
-                    if self._remote_size(current) is None:  # not a race with another session
+                    if self._remote_size(current) is None:
                         raise
 
     def _listdir(self, path: str) -> list[str]:
