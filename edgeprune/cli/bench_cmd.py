@@ -14,13 +14,12 @@ examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from edgeprune.cli.progress import progress_bar
 from edgeprune.errors import ParameterError
 
 NAME = "bench"
@@ -128,21 +127,6 @@ def _options(args: argparse.Namespace) -> Any:
     ).validate()
 
 
-@contextlib.contextmanager
-def _progress_bar(total: int, bounded: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar on an interactive terminal; nothing otherwise (run_bench logs a start line)."""
-    from edgeprune._lazy import available, require
-
-    if not sys.stderr.isatty() or not available("tqdm"):
-        yield None
-        return
-    bar = require("tqdm").tqdm(total=total if bounded else None, unit="run", leave=False, mininterval=0.3)
-    try:
-        yield lambda done, _total: bar.update(done - bar.n)
-    finally:
-        bar.close()
-
-
 def _check_outputs(args: argparse.Namespace) -> None:
     from edgeprune._lazy import require
     from edgeprune.io import check_writable
@@ -181,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         specs = plan_models(args.models, args.precision, Path(tmp))
-        with _progress_bar(options.repeats * len(specs), args.time_budget is None) as progress:
+        total = options.repeats * len(specs) if args.time_budget is None else None
+        with progress_bar(total) as progress:
             runner, options = open_runner(args.device, options, progress)
             with runner:
                 report = run_bench(specs, options, runner)
