@@ -36,13 +36,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from edgeprune._lazy import require
 from edgeprune.errors import ParameterError
-from edgeprune.methods import tggbc
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:                     # torch is imported lazily: the ONNX pass uses ToMeConfig without it
+    from torch import Tensor
+
     from edgeprune.models.decoder import HeadOutput, PETRHead
 
 
@@ -63,6 +62,8 @@ class ToMeConfig:
             raise ParameterError(f"r and n must be >= 0 (got r={self.r}, n={self.n})")
         if self.enabled and self.r >= num_keys:
             raise ParameterError(f"r={self.r} must be smaller than the number of keys ({num_keys})")
+        from edgeprune.methods import tggbc
+
         per_layer = tggbc.schedule(self.r, self.n, num_layers)
         keys = num_keys
         for layer, r_l in enumerate(per_layer):
@@ -85,7 +86,7 @@ def key_metric(key_input: Tensor, weight: Tensor, bias: Tensor | None, num_heads
 
     key_input [B, Nk, E] (memory + key_pos); weight [h*d, E]; bias [h*d] -> [B, Nk, d].
     """
-    keys = torch.nn.functional.linear(key_input, weight, bias)                # [B, Nk, h*d]
+    keys = require("torch").nn.functional.linear(key_input, weight, bias)     # [B, Nk, h*d]
     bsz, nk, width = keys.shape
     metric = keys.reshape(bsz, nk, num_heads, width // num_heads).mean(dim=2)  # [B, Nk, d]
     return metric / metric.norm(dim=-1, keepdim=True)
@@ -111,7 +112,7 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> Matching:
     a, b = metric[:, ::2], metric[:, 1::2]                                    # [B, Na, d], [B, Nb, d]
     scores = a @ b.transpose(-1, -2)                                          # [B, Na, Nb]
     best, best_idx = scores.max(dim=-1)                                       # [B, Na]
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices    # [B, Na]
+    order = best.sort(dim=-1, descending=True, stable=True).indices           # [B, Na]
     merged = order[:, :r]
     unmerged = order[:, r:].sort(dim=-1).values                               # [B, Na - r]
     return Matching(unmerged=unmerged, merged=merged, destination=best_idx.gather(1, merged))
@@ -127,7 +128,7 @@ def merge_sum(x: Tensor, matching: Matching) -> Tensor:
     src, dst = x[:, ::2], x[:, 1::2]
     dst = dst.scatter_add(1, matching.destination[:, :, None].expand(-1, -1, x.shape[2]),
                           _take(src, matching.merged))
-    return torch.cat([_take(src, matching.unmerged), dst], dim=1)
+    return require("torch").cat([_take(src, matching.unmerged), dst], dim=1)
 
 
 def merge_weighted(tensors: list[Tensor], size: Tensor, matching: Matching) -> tuple[list[Tensor], Tensor]:
@@ -181,6 +182,7 @@ def forward_with_tome(head: "PETRHead", inputs: dict[str, Tensor], config: ToMeC
                                 head.cfg.num_heads)                                        # [B, Nk, d]
             memory, key_pos, size = merge_keys(memory, key_pos, size, metric, r_l)
         logits_all.append(logits), boxes_all.append(boxes), probs_all.append(probs)
+    torch = require("torch")
     out = HeadOutput(torch.stack(logits_all), torch.stack(boxes_all), probs_all, logits_all,
                      [None] * len(logits_all))
     return ToMeOutput(out, sizes)

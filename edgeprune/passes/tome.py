@@ -32,6 +32,7 @@ import numpy as np
 from edgeprune._lazy import require
 from edgeprune.errors import ParameterError, PatternNotFoundError
 from edgeprune.methods.tome import ToMeConfig, max_merges
+from edgeprune.passes.registry import BasePass
 from edgeprune.passes.structure import DecoderLayer, DecoderStructure, ProjectionInput
 
 log = logging.getLogger(__name__)
@@ -278,55 +279,79 @@ def rewrite_tome(model: Any, structure: DecoderStructure, plan: ToMePlan) -> Any
     b = _Builder(model.graph)
     matchings = [_matching(b, step, plan.batch, plan.num_heads) for step in plan.steps]
     chains = _Chains(b, plan.batch, matchings, _sizes(b, matchings, plan.batch), {})
-    merge_after = [s.layer for s in plan.steps]
-    rewired: dict[tuple[str, int], int] = {}
+    _check_projections_private(index, structure, plan)
+    shapes = _ShapeRetarget(b, index, structure.num_keys, plan.batch)
     for layer in structure.layers:
-        stage = sum(1 for after in merge_after if after < layer.index)
+        stage = sum(1 for s in plan.steps if s.layer < layer.index)
         if stage == 0:
             continue
+        keys = plan.keys_per_layer[layer.index]
         for pin in layer.key_inputs + layer.value_inputs:
-            _rewire(index, pin, _merged_input(chains, index, pin, stage), rewired, stage, layer.index)
-        retarget_key_shapes(model, index, layer, structure.num_keys, plan.keys_per_layer[layer.index], plan.batch)
+            _feed(index, pin, _merged_input(chains, index, pin, stage), shapes, keys)
+        for name in layer.key_path_nodes:
+            shapes.retarget(index.nodes[name], keys)
     del model.graph.value_info[:]      # shapes of later layers changed; ORT re-infers them
     toposort(model)
     return model
 
 
-def _rewire(index: Any, pin: ProjectionInput, tensor: str, rewired: dict[tuple[str, int], int], stage: int,
-            layer: int) -> None:
-    key = (pin.consumer, pin.input_index)
-    if rewired.get(key, stage) != stage:
-        raise PatternNotFoundError(f"the projection {pin.consumer} is shared by decoder layers that see different "
-                                   f"numbers of keys (layer {layer}); ToMe cannot merge for only some of them")
-    rewired[key] = stage
-    index.nodes[pin.consumer].input[pin.input_index] = tensor
+def _check_projections_private(index: Any, structure: DecoderStructure, plan: ToMePlan) -> None:
+    """A projection node read by layers that see different key counts cannot be rewired."""
+    seen: dict[str, int] = {}
+    for layer in structure.layers:
+        stage = sum(1 for s in plan.steps if s.layer < layer.index)
+        for pin in layer.key_inputs + layer.value_inputs:
+            proj = pin.projection or pin.consumer
+            if seen.setdefault(proj, stage) != stage:
+                raise PatternNotFoundError(
+                    f"the key/value projection {proj} is shared by decoder layers that see different numbers of "
+                    f"keys (layer {layer.index}); ToMe cannot merge keys for only some of them (simplify the "
+                    "model without merging projections, or use --method tggbc)")
 
 
-def retarget_key_shapes(model: Any, index: Any, layer: DecoderLayer, old_keys: int, new_keys: int,
-                        batch: int) -> None:
-    """Rewrite constant Reshape targets on the layer's key path from ``old_keys`` to ``new_keys``.
+def _feed(index: Any, pin: ProjectionInput, tensor: str, shapes: "_ShapeRetarget", keys: int) -> None:
+    """Make this layer's projection read ``tensor`` instead of ``pin.tensor``.
 
-    Static exports bake Nk (or B*Nk, when a Reshape flattens before a Gemm) into the head
-    reshapes of the key and value projections; the new constants are private to this layer.
+    The projection's own input is rewired; when a flattening Reshape sits in between
+    (``consumer != projection``, possibly shared with earlier layers) the layer gets a private
+    copy of it with Nk retargeted.
     """
-    numpy_helper = require("onnx.numpy_helper")
-    for name in layer.key_path_nodes:
-        node = index.nodes.get(name)
-        if node is None or node.op_type != "Reshape":
-            continue
-        value = index.value(node.input[1])
+    proj_name = pin.projection or pin.consumer
+    if proj_name == pin.consumer:
+        index.nodes[proj_name].input[pin.input_index] = tensor
+        return
+    flatten, proj = index.nodes[pin.consumer], index.nodes[proj_name]
+    private = shapes.builder.op("Reshape", [tensor, shapes.retargeted(flatten.input[1], keys)], "flatten")
+    proj.input[:] = [private if i == flatten.output[0] else i for i in proj.input]
+
+
+class _ShapeRetarget:
+    """Private copies of constant Reshape targets with Nk (or B*Nk) replaced by a layer's keys.
+
+    Static exports bake Nk into the head reshapes of the key and value projections (and B*Nk
+    into a flattening Reshape before a 2-D Gemm); shape constants are often shared between
+    layers, so every rewired Reshape gets its own copy.
+    """
+
+    def __init__(self, builder: _Builder, index: Any, old_keys: int, batch: int) -> None:
+        self.builder, self.index, self.old_keys, self.batch = builder, index, old_keys, batch
+
+    def retargeted(self, shape_tensor: str, keys: int) -> str:
+        value = self.index.value(shape_tensor)
         if value is None:
-            continue
+            raise PatternNotFoundError(f"the Reshape target {shape_tensor} on a key path is computed at run time; "
+                                       "ToMe needs static shapes (export with static input shapes)")
         shape = np.asarray(value, dtype=np.int64).copy()
-        hits = (shape == old_keys) | (shape == old_keys * batch) if batch > 1 else shape == old_keys
-        if not hits.any():
-            continue
-        shape[shape == old_keys] = new_keys
-        if batch > 1:
-            shape[shape == old_keys * batch] = new_keys * batch
-        new_name = f"{PREFIX}shape_{name}"
-        model.graph.initializer.append(numpy_helper.from_array(shape, new_name))
-        node.input[1] = new_name
+        flat = shape == self.old_keys * self.batch
+        shape[shape == self.old_keys] = keys
+        shape[flat] = keys * self.batch
+        return self.builder.const("shape", shape)
+
+    def retarget(self, node: Any, keys: int) -> None:
+        if node.op_type == "Reshape" and not self.index.is_constant(node.input[0]):
+            value = self.index.value(node.input[1])
+            if value is not None and np.isin(np.asarray(value), (self.old_keys, self.old_keys * self.batch)).any():
+                node.input[1] = self.retargeted(node.input[1], keys)
 
 
 def toposort(model: Any) -> None:
@@ -364,3 +389,36 @@ def apply_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> A
     log.info("ToMe: merges after layers %s, keys per layer %s", [s.layer for s in plan.steps],
              list(plan.keys_per_layer))
     return rewrite_tome(model, structure, plan)
+
+
+class TokenMergingPass(BasePass):
+    """``--method tome --r R --n N``: ToMe merging of the keys with tgGBC's schedule (a baseline)."""
+
+    name = "tome"
+    help = ("ToMe baseline: merge the r most similar image tokens (bipartite soft matching of the keys) "
+            "over the first n decoder layers")
+    requires = frozenset({"probs", "key", "value"})
+
+    def __init__(self, r: int, n: int = 1) -> None:
+        self.config = ToMeConfig(r=r, n=n)
+        if r < 0 or n < 0:
+            raise ParameterError(f"--r and --n must be >= 0 (got --r {r} --n {n})")
+
+    @classmethod
+    def add_arguments(cls, group: Any) -> None:
+        group.add_argument("--r", type=int, default=None, metavar="R", help="keys removed in total (pruned or merged)")
+        group.add_argument("--n", type=int, default=None, metavar="N", help="number of layers that prune/merge (default 1)")
+
+    @classmethod
+    def from_args(cls, args: Any) -> "TokenMergingPass":
+        r = getattr(args, "r", None)
+        if r is None:
+            raise ParameterError("--method tome needs --r R (keys merged in total), e.g. --r 2000 --n 2")
+        n = getattr(args, "n", None)
+        return cls(r=r, n=1 if n is None else n)
+
+    def apply(self, model: Any, structure: DecoderStructure) -> Any:
+        return apply_tome(model, structure, self.config)
+
+    def __repr__(self) -> str:
+        return f"TokenMergingPass(r={self.config.r}, n={self.config.n})"
