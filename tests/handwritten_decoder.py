@@ -143,6 +143,9 @@ class HandDecoder(nn.Module):
                                         nn.Linear(e, e), nn.LayerNorm(e), nn.ReLU(), nn.Linear(e, dims.classes))
         self.box_head = nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, e), nn.ReLU(),
                                       nn.Linear(e, dims.code))
+        for name, param in self.named_parameters():   # trained models have no zero biases / unit LN weights
+            if name.endswith("bias") or ("ln" in name and name.endswith("weight")):
+                nn.init.uniform_(param, -0.2, 0.2) if name.endswith("bias") else nn.init.uniform_(param, 0.8, 1.2)
         self.eval()
 
     def _heads(self, x: Tensor, anchor_logit: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,8 @@ from edgeprune.errors import EdgepruneError, InternalError, UserError
 COMMANDS: tuple[str, ...] = (
     "demo",
     "export",
+    "inspect",
+    "rewrite",
     "bench",
     "devices",
     "wheelhouse",

@@ -57,7 +57,8 @@ def discover(model: Any, overrides: Union[Overrides, Mapping[str, str], Sequence
         source = "metadata" if layers is not None else source
     if layers is None:
         layers = _matched_layers(index, attentions, ov)
-    layers = _apply_overrides(index, layers, ov, attentions)
+    if ov.layers:
+        layers = _fill_logits(index, _apply_overrides(index, layers, ov, attentions), ov)
     if not layers:
         raise PatternNotFoundError(_no_decoder_message(index, attentions))
     return _assemble(index, layers, source, ov, dmap if source == "metadata" else None)
@@ -242,6 +243,22 @@ def _logits_follow_layers(index: GraphIndex, cross: Sequence[AttentionMatch], lo
         if i + 1 < len(outs) and index.depends_on(tensor, [outs[i + 1]]):
             return False
     return True
+
+
+def _fill_logits(index: GraphIndex, layers: List[DecoderLayer], ov: Overrides) -> List[DecoderLayer]:
+    """Layers named by overrides get their logits from the stacked class output when it fits."""
+    if all(layer.logits is not None for layer in layers):
+        return layers
+    cls_output = ov.cls_output or find_cls_output(index)
+    logits = unstack(index, cls_output) if cls_output else None
+    if logits is None or len(logits) != len(layers):
+        return layers
+    known = [layer for layer in layers if layer.pv_node in index.nodes]
+    if len(known) == len(layers) and not _logits_follow_layers(index, layers, logits):
+        log.warning("the inputs of %s do not follow the decoder layers one to one; layer logits left unset",
+                    cls_output)
+        return layers
+    return [layer if layer.logits is not None else replace(layer, logits=logits[i]) for i, layer in enumerate(layers)]
 
 
 # ------------------------------------------------------------------ overrides

@@ -64,13 +64,9 @@ def _shape_of(value_info: Any) -> Optional[Shape]:
     return tuple(dims)
 
 
-def infer_shapes(model: Any) -> Shapes:
-    """Tensor name -> shape for graph inputs, initializers, outputs and intermediates.
-
-    Tensors whose shape inference cannot determine are absent from the result.
-    """
+def _run_inference(light: Any) -> Tuple[Shapes, Dict[str, int]]:
+    """(shapes, element types) of every tensor ONNX shape inference can type."""
     onnx = _lazy.require("onnx")
-    light = light_model(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
@@ -78,10 +74,60 @@ def infer_shapes(model: Any) -> Shapes:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     graph = inferred.graph
     shapes: Shapes = {}
+    types: Dict[str, int] = {}
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
         shape = _shape_of(info)
         if shape is not None:
             shapes[info.name] = shape
+            types[info.name] = info.type.tensor_type.elem_type
+    for init in light.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+        types[init.name] = init.data_type
+    return shapes, types
+
+
+def _mha_output(node: Any, shapes: Shapes) -> Optional[Shape]:
+    """com.microsoft.MultiHeadAttention: [B, Sq, v_hidden] from query [B, Sq, *] and value."""
+    query = shapes.get(node.input[0])
+    value = shapes.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if query is None or len(query) != 3:
+        return None
+    if value is None:
+        return query
+    hidden = value[-1] if len(value) == 3 else (value[1] * value[3] if is_static(value) else None)
+    return (query[0], query[1], hidden)
+
+
+# Output shapes of contrib ops ONNX's own inference does not know (it stops at them).
+_CONTRIB_RULES = {("com.microsoft", "MultiHeadAttention"): _mha_output}
+
+
+def _contrib_value_infos(light: Any, shapes: Shapes, types: Dict[str, int]) -> list:
+    onnx = _lazy.require("onnx")
+    added = []
+    for node in light.graph.node:
+        rule = _CONTRIB_RULES.get((node.domain, node.op_type))
+        if rule is None or not node.output or node.output[0] in shapes:
+            continue
+        shape = rule(node, shapes)
+        if shape is not None and node.input[0] in types:
+            added.append(onnx.helper.make_tensor_value_info(node.output[0], types[node.input[0]], list(shape)))
+    return added
+
+
+def infer_shapes(model: Any) -> Shapes:
+    """Tensor name -> shape for graph inputs, initializers, outputs and intermediates.
+
+    Tensors whose shape inference cannot determine are absent from the result.
+    """
+    light = light_model(model)
+    shapes, types = _run_inference(light)
+    for _ in range(len(light.graph.node)):
+        added = _contrib_value_infos(light, shapes, types)
+        if not added:
+            break
+        light.graph.value_info.extend(added)
+        shapes, types = _run_inference(light)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
     return shapes

@@ -1,0 +1,57 @@
+"""Rewrite an exported model with a graph pass: tgGBC key pruning, GPQ query shrinking, ToMe, fp16.
+
+The decoder is found automatically (the exporter's record, or by matching the graph);
+--override names any tensor it cannot find. The result is checked (onnx.checker, ONNX
+Runtime) and run against the input model on the same inputs; the drift of every output is
+printed. The output is written atomically: on any error no file is left behind.
+
+examples:
+  edgeprune rewrite decoder.onnx -o pruned.onnx --method tggbc --r 21000 --n 2 --k 175
+  edgeprune rewrite decoder.onnx -o small.onnx --method gpq --keep-indices kept.json
+  edgeprune rewrite decoder.onnx -o half.onnx --precision fp16
+  edgeprune rewrite foreign.onnx -o pruned.onnx --method tggbc --r 1000 \\
+      --override layer.0.logits=/head/cls_0/Add_output_0
+"""
+from __future__ import annotations
+
+import argparse
+
+NAME = "rewrite"
+HELP = "prune / shrink / convert an ONNX model with graph passes (tgGBC, GPQ, ToMe, fp16)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edgeprune.passes import registry
+
+    parser.add_argument("model", metavar="IN.onnx", help="model to rewrite")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the result")
+    parser.add_argument("--method", choices=registry.method_names(), default="none",
+                        help="graph pass to apply (default: none)")
+    parser.add_argument("--precision", choices=registry.precision_names(), default="fp32",
+                        help="number format of the result (default fp32)")
+    parser.add_argument("--override", action="append", default=[], metavar="PART=TENSOR",
+                        help="name a tensor discovery cannot find: layer.N.{probs,key,value,mask,logits}=TENSOR, "
+                             "cls_output=NAME, heads=H (repeatable)")
+    check = parser.add_argument_group("verification")
+    check.add_argument("--no-verify", action="store_true", help="skip running both models and comparing outputs")
+    check.add_argument("--inputs", default=None, metavar="X.npz", help="verification inputs by name (default random)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default 0)")
+    registry.add_pass_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgeprune.io import check_writable
+    from edgeprune.passes import registry
+    from edgeprune.passes.driver import rewrite
+    from edgeprune.passes.verify import load_inputs
+
+    check_writable(args.output)
+    passes = registry.build_passes(args)
+    precision_cls = registry.get_precision(args.precision)
+    precision = precision_cls.from_args(args) if precision_cls is not None else "fp32"
+    inputs = load_inputs(args.inputs) if args.inputs else None
+    report = rewrite(args.model, args.output, passes, overrides=args.override, precision=precision,
+                     verify=not args.no_verify, seed=args.seed, verify_inputs=inputs)
+    for line in report.lines():
+        print(line)
+    return 0

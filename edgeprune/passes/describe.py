@@ -1,0 +1,138 @@
+"""What ``edgeprune inspect`` reports: the discovered decoder, its sizes and FLOPs per layer.
+
+Sizes come from the static graph: keys and queries from each cross-attention, the keys of
+each layer's self-attention (queries, plus StreamPETR's temporal memory) from the matched
+self-attentions, the FFN width from Linear -> ReLU/GELU -> Linear pairs whose outer width
+is the embedding width. A self-attention the exporter folded into constants (the first
+layer's, whose queries are all constants) costs nothing at run time and is not counted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from edgeprune.passes.attention_match import find_attentions
+from edgeprune.passes.discovery import discover, is_cross_attention
+from edgeprune.passes.flops import DecoderFlops, DecoderSizes, PruningEstimate, decoder_flops, estimate_tggbc
+from edgeprune.passes.matching import GraphIndex, name_nodes
+from edgeprune.passes.structure import DecoderStructure
+
+log = logging.getLogger(__name__)
+
+_ACTIVATIONS = ("Relu", "Gelu", "FastGelu")
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    path: str
+    structure: DecoderStructure
+    sizes: DecoderSizes
+    flops: DecoderFlops
+    estimate: Optional[PruningEstimate] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready summary (``edgeprune inspect --json``)."""
+        s = self.structure
+        out: Dict[str, Any] = {
+            "path": self.path, "source": s.source, "num_layers": s.num_layers, "batch": s.batch,
+            "num_queries": s.num_queries, "num_keys": s.num_keys, "num_heads": s.num_heads,
+            "embed_dims": s.embed_dims, "num_classes": s.num_classes, "ffn_dims": self.sizes.ffn_dims,
+            "cls_output": s.cls_output, "query_initializers": list(s.query_initializers),
+            "layers": [self._layer(i) for i in range(s.num_layers)],
+            "flops": {"total": self.flops.total, "cross_attention": self.flops.cross_total},
+        }
+        if self.estimate is not None:
+            e = self.estimate
+            out["pruning"] = {
+                "r": e.r, "n": e.n, "k": e.k, "drops": list(e.drops),
+                "keys_per_layer": [layer.num_keys for layer in e.after.layers],
+                "flops_per_layer": [layer.total * e.after.batch for layer in e.after.layers],
+                "flops": {"total": e.after.total, "cross_attention": e.after.cross_total},
+                "reduction": e.reduction, "cross_attention_reduction": e.cross_reduction,
+                "ideal_speedup": e.ideal_speedup,
+            }
+        return out
+
+    def _layer(self, i: int) -> Dict[str, Any]:
+        layer, flops = self.structure.layers[i], self.flops.layers[i]
+        return {
+            "index": i, "num_keys": layer.num_keys, "self_keys": self.sizes.self_keys[i],
+            "probs": layer.probs.tensor, "probs_layout": layer.probs.layout,
+            "fused_qk": list(layer.probs.fused_qk) if layer.probs.fused_qk else None,
+            "key_inputs": [p.tensor for p in layer.key_inputs],
+            "value_inputs": [p.tensor for p in layer.value_inputs],
+            "masks": [m.tensor for m in layer.masks], "logits": layer.logits,
+            "flops": {"total": flops.total * self.flops.batch, "cross_attention": flops.cross.total * self.flops.batch,
+                      "self_attention": flops.self_attn.total * self.flops.batch if flops.self_attn else None,
+                      "ffn": flops.ffn * self.flops.batch if flops.ffn else None},
+        }
+
+
+def _position(index: GraphIndex, name: str) -> int:
+    return index.position.get(name, -1)
+
+
+def self_attention_keys(index: GraphIndex, structure: DecoderStructure) -> List[Optional[int]]:
+    """Keys of each layer's self-attention (None when folded away or not found)."""
+    cross_pos = [_position(index, layer.pv_node) for layer in structure.layers]
+    keys: List[Optional[int]] = [None] * structure.num_layers
+    for m in find_attentions(index):
+        if m.num_queries != structure.num_queries or is_cross_attention(index, m):
+            continue
+        pos = _position(index, m.pv_node)
+        layer = next((i for i, c in enumerate(cross_pos) if pos < c), None)
+        if layer is not None and keys[layer] is None:
+            keys[layer] = m.num_keys
+    return keys
+
+
+def _linear_width(index: GraphIndex, node: Any, side: str) -> Optional[int]:
+    """Input (side='in') or output width of a MatMul/Gemm with a constant 2-D weight."""
+    if node is None or node.op_type not in ("MatMul", "Gemm") or not index.is_constant(node.input[1]):
+        return None
+    shape = index.shape(node.input[1])
+    if shape is None or len(shape) != 2:
+        return None
+    rows, cols = (shape[1], shape[0]) if node.op_type == "Gemm" and index.attr(node, "transB", 0) else shape
+    return rows if side == "in" else cols
+
+
+def ffn_width(index: GraphIndex, embed_dims: int) -> Optional[int]:
+    """Most common hidden width F of Linear(E->F) -> activation -> Linear(F->E), F != E."""
+    widths: Counter = Counter()
+    for act in (n for n in index.graph.node if n.op_type in _ACTIVATIONS):
+        up = index.producer.get(act.input[0])
+        if up is not None and up.op_type == "Add":
+            data = [i for i in up.input if not index.is_constant(i)]
+            up = index.producer.get(data[0]) if len(data) == 1 else None
+        hidden = _linear_width(index, up, "out")
+        if hidden is None or hidden == embed_dims or _linear_width(index, up, "in") != embed_dims:
+            continue
+        down = [_linear_width(index, u, "out") for u in index.users(act.output[0])]
+        if embed_dims in down:
+            widths[hidden] += 1
+    return widths.most_common(1)[0][0] if widths else None
+
+
+def decoder_sizes(index: GraphIndex, structure: DecoderStructure) -> DecoderSizes:
+    s = structure
+    return DecoderSizes(num_layers=s.num_layers, num_queries=s.num_queries, num_keys=s.num_keys,
+                        embed_dims=s.embed_dims, num_heads=s.num_heads, batch=max(s.batch, 1),
+                        self_keys=tuple(self_attention_keys(index, s)), ffn_dims=ffn_width(index, s.embed_dims))
+
+
+def describe_model(path: Union[str, os.PathLike], *, overrides: Optional[Sequence[str]] = None,
+                   r: Optional[int] = None, n: Optional[int] = None, k: int = 0) -> ModelDescription:
+    """Discover the decoder of the model at ``path``; with ``r``/``n``, also the tgGBC estimate."""
+    from edgeprune.passes.driver import load_model
+
+    model = load_model(path)
+    name_nodes(model)
+    index = GraphIndex.build(model)
+    structure = discover(model, overrides, index=index)
+    sizes = decoder_sizes(index, structure)
+    estimate = estimate_tggbc(sizes, r, n if n is not None else 1, k) if r is not None else None
+    return ModelDescription(str(path), structure, sizes, decoder_flops(sizes), estimate)

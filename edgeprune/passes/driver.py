@@ -1,0 +1,217 @@
+"""``rewrite``: load, discover, apply passes, clean up, check, verify, save atomically.
+
+Pass order: the method passes in the order given, then the precision conversion (fp16 must
+see the final graph so that it keeps the inserted scoring subgraphs in fp32). A pass that
+needs decoder parts after an earlier pass changed the graph gets a fresh discovery.
+
+Failure anywhere leaves no output file: the model is written to a temporary file beside the
+target, checked (onnx.checker, ORT load, verification run) there, and renamed at the end.
+The output drops the input's ``edgeprune.decoder_map`` record (it describes the graph before
+the rewrite; discovery re-matches rewritten graphs) and records the passes applied under
+``edgeprune.rewrite``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+
+from edgeprune import _lazy
+from edgeprune.errors import InternalError, InvalidModelError, ModelNotFoundError
+from edgeprune.io import atomic_path, check_writable
+from edgeprune.passes.discovery import discover, require_parts
+from edgeprune.passes.overrides import Overrides, parse_overrides
+from edgeprune.passes.registry import get_precision
+from edgeprune.passes.structure import DecoderStructure
+from edgeprune.passes.verify import VerifyReport, compare_models
+
+log = logging.getLogger(__name__)
+
+REWRITE_KEY = "edgeprune.rewrite"
+DECODER_MAP_KEY = "edgeprune.decoder_map"
+_EXTERNAL_DATA_BYTES = 1_800_000_000      # protobuf cannot serialize 2 GB; keep a margin
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    """What one rewrite did; ``verification`` is None with ``verify=False``."""
+
+    input_path: str
+    output_path: str
+    passes: Tuple[str, ...]
+    precision: str
+    structure: DecoderStructure          # discovered on the input model
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    verification: Optional[VerifyReport] = None
+    external_data: Optional[str] = None  # name of the external data file, if one was written
+    notes: Tuple[str, ...] = field(default_factory=tuple)
+
+    def lines(self) -> List[str]:
+        s = self.structure
+        out = [f"rewrote {self.input_path} -> {self.output_path} ({', '.join(self.passes) or 'no pass'}, "
+               f"{self.precision}) in {self.seconds:.2f} s",
+               f"decoder ({s.source}): {s.num_layers} layers, {s.num_queries} queries, {s.num_keys} keys, "
+               f"{s.num_heads} heads, batch {s.batch}",
+               f"nodes {self.nodes_before} -> {self.nodes_after}, size {self.bytes_before / 1e6:.1f} MB -> "
+               f"{self.bytes_after / 1e6:.1f} MB"]
+        if self.verification is not None:
+            out.append(f"drift against the input model, inputs {self.verification.inputs}:")
+            out += self.verification.lines()
+        return out + [f"note: {n}" for n in self.notes]
+
+
+# ------------------------------------------------------------------ load / save
+def load_model(path: Union[str, os.PathLike]) -> Any:
+    """``onnx.load`` with one-line user errors for a missing, empty or corrupt file."""
+    onnx = _lazy.require("onnx")
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"model file {p} does not exist; give the path of an .onnx file")
+    if p.is_dir():
+        raise ModelNotFoundError(f"{p} is a directory; give the path of an .onnx file")
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(p))
+    except (DecodeError, OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"cannot read {p} as ONNX ({first}); re-export the model or check the file") from exc
+    if not model.graph.node or not model.opset_import:
+        raise InvalidModelError(f"{p} is not an ONNX model (no graph nodes or opset); re-export the model")
+    return model
+
+
+def initializer_bytes(model: Any) -> int:
+    return sum(len(t.raw_data) if t.raw_data else 4 * max(1, _count(t.dims)) for t in model.graph.initializer)
+
+
+def _count(dims: Sequence[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def save_model(model: Any, path: Path, final_name: str) -> Optional[str]:
+    """Save (with external data named after the final file when the model is too big)."""
+    onnx = _lazy.require("onnx")
+    if initializer_bytes(model) < _EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path))
+        return None
+    location = f"{final_name}.data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
+    return location
+
+
+# ------------------------------------------------------------------ graph hygiene
+def cleanup(model: Any) -> Any:
+    """Remove dead nodes/tensors and sort topologically (onnx-graphsurgeon), keeping model metadata."""
+    gs = _lazy.require("onnx_graphsurgeon")
+    graph = gs.import_onnx(model)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    out.doc_string, out.model_version, out.domain = model.doc_string, model.model_version, model.domain
+    for prop in model.metadata_props:
+        out.metadata_props.add(key=prop.key, value=prop.value)
+    return out
+
+
+def _record_rewrite(model: Any, passes: Sequence[str], precision: str) -> None:
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in (DECODER_MAP_KEY, REWRITE_KEY)]
+    previous = next((p.value for p in model.metadata_props if p.key == REWRITE_KEY), None)
+    history = json.loads(previous) if previous else []
+    history.append({"passes": list(passes), "precision": precision})
+    del model.metadata_props[:]
+    for key, value in kept + [(REWRITE_KEY, json.dumps(history))]:
+        model.metadata_props.add(key=key, value=value)
+
+
+def check_model(path: Path) -> None:
+    """onnx.checker and an ORT session on the saved file; failures are our bugs (InternalError)."""
+    onnx = _lazy.require("onnx")
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise InternalError(f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    from edgeprune.passes.verify import ort_errors, session
+
+    try:
+        session(path)
+    except ort_errors() as exc:
+        raise InternalError(f"ONNX Runtime cannot load the rewritten model: {str(exc).splitlines()[0]}") from exc
+
+
+# ------------------------------------------------------------------ passes
+def _precision_pass(precision: Union[str, Any]) -> Tuple[str, Optional[Any]]:
+    if not isinstance(precision, str):
+        return precision.name, precision
+    cls = get_precision(precision)
+    return precision, (cls() if cls is not None else None)
+
+
+def apply_passes(model: Any, chain: Sequence[Any], structure: DecoderStructure, ov: Overrides) -> Any:
+    """Apply each pass; later passes that need decoder parts see a fresh discovery."""
+    current = structure
+    for i, p in enumerate(chain):
+        if i > 0 and p.requires:
+            current = discover(model, ov)
+            require_parts(current, p.requires, f"--method {p.name}")
+        started = time.perf_counter()
+        model = p.apply(model, current)
+        if model is None:
+            raise InternalError(f"pass {p.name!r} returned no model")
+        log.info("pass %s: %.2f s", p.name, time.perf_counter() - started)
+    return model
+
+
+def rewrite(in_path: Union[str, os.PathLike], out_path: Union[str, os.PathLike], passes: Sequence[Any], *,
+            overrides: Union[Overrides, Mapping[str, str], Sequence[str], None] = None,
+            precision: Union[str, Any] = "fp32", verify: bool = True, seed: int = 0,
+            verify_inputs: Optional[Mapping[str, Any]] = None) -> RewriteReport:
+    """Rewrite ``in_path`` with ``passes`` (+ the ``precision`` conversion) into ``out_path``."""
+    started = time.perf_counter()
+    target = check_writable(out_path)
+    ov = parse_overrides(overrides)
+    precision_name, precision_pass = _precision_pass(precision)
+    chain = list(passes) + ([precision_pass] if precision_pass is not None else [])
+    model = load_model(in_path)
+    nodes_before, bytes_before = len(model.graph.node), initializer_bytes(model)
+    structure = discover(model, ov)
+    if chain:
+        require_parts(structure, chain[0].requires, f"--method {chain[0].name}")
+    out = cleanup(apply_passes(model, chain, structure, ov))
+    names = tuple(p.name for p in passes)
+    _record_rewrite(out, names, precision_name)
+    external, report = _save_checked(out, target, in_path, verify, seed, verify_inputs)
+    return RewriteReport(str(in_path), str(target), names, precision_name, structure, nodes_before,
+                         len(out.graph.node), bytes_before, initializer_bytes(out),
+                         time.perf_counter() - started, report, external)
+
+
+def _save_checked(model: Any, target: Path, in_path: Union[str, os.PathLike], verify: bool, seed: int,
+                  inputs: Optional[Mapping[str, Any]]) -> Tuple[Optional[str], Optional[VerifyReport]]:
+    """Save to a temporary file, check and verify it there, then rename onto ``target``."""
+    external = None
+    try:
+        with atomic_path(target, suffix=".onnx") as tmp:
+            external = save_model(model, tmp, target.name)
+            check_model(tmp)
+            report = compare_models(in_path, tmp, seed=seed, inputs=inputs) if verify else None
+    except BaseException:
+        if external is not None:
+            (target.parent / external).unlink(missing_ok=True)
+        raise
+    return external, report

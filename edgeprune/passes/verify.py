@@ -1,0 +1,157 @@
+"""Run a model before and after a rewrite on the same inputs and report each output's drift.
+
+Both models run on ONNX Runtime CPU with graph optimizations off, so the comparison sees the
+functions the two graphs compute and not fusion choices: a rewrite that changes nothing
+(``--method none``, ``tggbc --r 0``) reproduces every output bit for bit (``exact``).
+
+Inputs are given (``.npz`` by input name) or seeded random: float inputs ~ N(0, 1), bool
+inputs all False (a random padding mask could hide every key), integer inputs 0. Symbolic
+dimensions become 1. An input whose shape differs between the models (GPQ shrinks
+StreamPETR's propagated queries) gets its own random values; outputs whose shapes differ
+are reported as not comparable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from edgeprune import _lazy
+from edgeprune.errors import InvalidModelError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(bool)": np.bool_, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+
+@dataclass(frozen=True)
+class OutputDrift:
+    """One output compared: ``max_rel`` is max |a - b| over max |a| (the output's scale)."""
+
+    name: str
+    shape_before: Tuple[int, ...]
+    shape_after: Optional[Tuple[int, ...]]
+    max_abs: Optional[float]         # None: not comparable (shape changed or output missing)
+    max_rel: Optional[float]
+    exact: bool
+    nonfinite: int = 0               # NaN/inf entries in the rewritten output where the input model has none
+
+    def describe(self) -> str:
+        if self.max_abs is None:
+            after = "missing" if self.shape_after is None else f"shape {list(self.shape_after)}"
+            return f"{self.name}: not compared (shape {list(self.shape_before)} -> {after})"
+        tag = "exact" if self.exact else f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+        bad = f", {self.nonfinite} non-finite values" if self.nonfinite else ""
+        return f"{self.name} {list(self.shape_before)}: {tag}{bad}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Drift of every output of the input model, in output order."""
+
+    outputs: Tuple[OutputDrift, ...]
+    inputs: str                      # "random (seed 0)" or the file / "given"
+
+    @property
+    def exact(self) -> bool:
+        return all(o.exact for o in self.outputs)
+
+    @property
+    def max_abs(self) -> Optional[float]:
+        values = [o.max_abs for o in self.outputs if o.max_abs is not None]
+        return max(values) if values else None
+
+    def lines(self) -> list:
+        return [f"  {o.describe()}" for o in self.outputs]
+
+
+def ort_errors() -> Tuple[type, ...]:
+    """ONNX Runtime's exception types (they derive from Exception directly)."""
+    state = _lazy.require("onnxruntime.capi.onnxruntime_pybind11_state")
+    names = ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NoModel", "RuntimeException",
+             "NotImplemented", "InvalidProtobuf", "EPFail")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
+
+
+def session(path: str | os.PathLike) -> Any:
+    """A CPU session without graph optimizations (see the module docstring)."""
+    ort = _lazy.require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def _concrete(shape: Any) -> Tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
+
+
+def random_inputs(sess: Any, seed: int = 0, given: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Feeds for ``sess``: ``given`` arrays where their shape fits, seeded values otherwise."""
+    rng = np.random.default_rng(seed)
+    feeds: Dict[str, np.ndarray] = {}
+    for meta in sess.get_inputs():
+        dtype = _NUMPY_TYPES.get(meta.type)
+        if dtype is None:
+            raise InvalidModelError(f"input {meta.name!r} has type {meta.type}, which verification cannot "
+                                    "generate; pass inputs with --inputs X.npz or use --no-verify")
+        shape = _concrete(meta.shape)
+        if given is not None and meta.name in given and _fits(given[meta.name].shape, meta.shape):
+            feeds[meta.name] = np.asarray(given[meta.name]).astype(dtype, copy=False)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[meta.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[meta.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _fits(shape: Tuple[int, ...], declared: Any) -> bool:
+    return len(shape) == len(declared) and all(not isinstance(d, int) or d == s for s, d in zip(shape, declared))
+
+
+def load_inputs(path: str | os.PathLike) -> Dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` file by name."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelNotFoundError(f"inputs file {p} does not exist; give an .npz with one array per model input")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidModelError(f"cannot read inputs {p} ({exc}); expected an .npz written by numpy.savez") from exc
+
+
+def _drift(name: str, ref: np.ndarray, got: Optional[np.ndarray]) -> OutputDrift:
+    if got is None or got.shape != ref.shape:
+        return OutputDrift(name, ref.shape, None if got is None else got.shape, None, None, False)
+    a, b = ref.astype(np.float64), got.astype(np.float64)
+    finite = np.isfinite(a)
+    bad = int(np.count_nonzero(finite & ~np.isfinite(b)))
+    both = finite & np.isfinite(b)
+    diff = np.abs(a - b)[both]
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(a[both]).max()) if diff.size else 0.0
+    exact = bad == 0 and np.array_equal(ref, got, equal_nan=True)
+    return OutputDrift(name, ref.shape, got.shape, max_abs, max_abs / scale if scale > 0 else max_abs, exact, bad)
+
+
+def compare_models(before: str | os.PathLike, after: str | os.PathLike, *, seed: int = 0,
+                   inputs: Optional[Mapping[str, np.ndarray]] = None, label: Optional[str] = None) -> VerifyReport:
+    """Run both models (paths) on the same inputs; drift of each output of ``before``."""
+    s_before, s_after = session(before), session(after)
+    feeds = random_inputs(s_before, seed, inputs)
+    feeds_after = random_inputs(s_after, seed, feeds)
+    names = [o.name for o in s_before.get_outputs()]
+    ref = dict(zip(names, s_before.run(names, feeds)))
+    after_names = [o.name for o in s_after.get_outputs()]
+    got = dict(zip(after_names, s_after.run(after_names, feeds_after)))
+    drifts = tuple(_drift(n, ref[n], got.get(n)) for n in names)
+    for d in drifts:
+        log.debug("verify %s", d.describe())
+    return VerifyReport(drifts, label or ("given" if inputs is not None else f"random (seed {seed})"))
