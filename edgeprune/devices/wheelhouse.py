@@ -108,9 +108,29 @@ def _pip(args: list[str], what: str, hint: str = "") -> None:
         raise PackagingError(f"{what} failed: {reason}{hint}")
 
 
+def can_build_without_isolation() -> bool:
+    """True when this environment's setuptools builds wheels by itself (>= 70.1, or with the
+    ``wheel`` package), which ``--no-build-isolation`` relies on."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("wheel") is not None:
+        return True
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    numbers = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    return numbers >= (70, 1)
+
+
 def build_wheel(out_dir: Path, source: str | Path | None = None, build_isolation: bool = True) -> Path:
     """``edgeprune-<version>-py3-none-any.whl`` in ``out_dir``, built from a clean copy."""
     root = find_source_tree(source)
+    if not build_isolation and not can_build_without_isolation():
+        raise PackagingError("--no-build-isolation needs setuptools >= 70.1 or the wheel package in this "
+                             "environment (pip install 'setuptools>=70.1'), or drop the flag (pip then fetches "
+                             "the build tools from PyPI)")
     with tempfile.TemporaryDirectory(prefix="edgeprune-wheel-") as tmp:
         copy = Path(tmp) / "src"
         copy.mkdir()
