@@ -50,6 +50,9 @@ class StructureCapture(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        # torch.onnx.export restores the wrapper's own mode afterwards, recursively: a
+        # wrapper left in training mode would switch BatchNorm to batch statistics.
+        self.train(model.training)
         self._seen: dict[str, Any] = {}
         self._handles: list[Any] = []
         self._plan: tuple[PlannedExtra, ...] | None = None
@@ -104,11 +107,15 @@ class StructureCapture(nn.Module):
             items += [(extra_name(role, index), self._seen.get(extra_name(role, index))) for role in LAYER_ROLES]
         return items
 
-    def plan(self, inputs: dict[str, Tensor], output_names: Sequence[str]) -> tuple[PlannedExtra, ...]:
-        """Run once eagerly and decide which extras become graph outputs and which are aliases."""
+    def plan(self, inputs: dict[str, Tensor],
+             output_names: Sequence[str]) -> tuple[tuple[PlannedExtra, ...], tuple[Tensor, ...]]:
+        """Run once eagerly and decide which extras become graph outputs and which are aliases.
+
+        Returns the plan and the model's own outputs on ``inputs`` (a free reference).
+        """
         self._seen.clear()
         with torch.no_grad():
-            outputs = self.model(*inputs.values())
+            outputs = tuple(self.model(*inputs.values()))
         known: dict[int, str] = {id(t): n for n, t in inputs.items()}
         known.update({id(t): n for n, t in zip(output_names, outputs)})
         planned = []
@@ -121,7 +128,7 @@ class StructureCapture(nn.Module):
                 known[id(tensor)] = name
                 planned.append(PlannedExtra(name, "output", None, tuple(tensor.shape)))
         self._plan = tuple(planned)
-        return self._plan
+        return self._plan, tuple(outputs)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         if self._plan is None:

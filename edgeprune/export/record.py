@@ -117,10 +117,51 @@ def remove_dead_nodes(graph: Any) -> int:
     return removed
 
 
+_NONDETERMINISTIC_PREFIXES = ("Random", "Multinomial", "Dropout")
+
+
+def _cse_key(node: Any, rename: Mapping[str, str]) -> tuple[Any, ...] | None:
+    """What makes two nodes compute the same thing; None for nodes never merged."""
+    if not node.output or node.op_type.startswith(_NONDETERMINISTIC_PREFIXES):
+        return None
+    if any(attr.HasField("g") or len(attr.graphs) for attr in node.attribute):
+        return None
+    attrs = tuple(sorted((a.name, a.SerializeToString()) for a in node.attribute))
+    return (node.domain, node.op_type, tuple(rename.get(i, i) for i in node.input), attrs, len(node.output))
+
+
+def eliminate_common_subexpressions(graph: Any) -> dict[str, str]:
+    """Merge nodes with the same op, inputs and attributes (as onnxsim does); returns renames.
+
+    The exporter runs this after demoting its extra outputs: while they were graph outputs
+    onnxsim could not merge e.g. the identical ``memory + key_pos`` of every layer, and a
+    later onnxsim run would, dropping recorded names. Nodes writing graph outputs are kept.
+    """
+    rename: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], Any] = {}
+    graph_outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        key = _cse_key(node, rename)
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+        first = seen.get(key) if key is not None else None
+        if first is not None and not graph_outputs.intersection(node.output):
+            rename.update((dup, orig) for dup, orig in zip(node.output, first.output) if dup)
+            continue
+        if key is not None:
+            seen.setdefault(key, node)
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return rename
+
+
 def demote_outputs(model: Any, names: Sequence[str]) -> dict[str, str | None]:
     """Remove graph outputs ``names``; return ``{name: tensor now holding it, or None}``.
 
     None means the value was computed only for that output; its nodes are removed.
+    Duplicate computations are then merged so that a later onnxsim keeps the names.
     """
     graph = model.graph
     wanted = set(names)
@@ -130,8 +171,10 @@ def demote_outputs(model: Any, names: Sequence[str]) -> dict[str, str | None]:
     live = live_node_ids(graph)
     resolved = {name: _resolve(name, graph, live) for name in names}
     removed = remove_dead_nodes(graph)
-    log.debug("demoted %d extra outputs, removed %d nodes only they needed", len(names), removed)
-    return resolved
+    rename = eliminate_common_subexpressions(graph)
+    log.debug("demoted %d extra outputs, removed %d nodes only they needed, merged %d duplicates",
+              len(names), removed, len(rename))
+    return {name: (rename.get(real, real) if real else None) for name, real in resolved.items()}
 
 
 def _light_copy(model: Any) -> Any:
