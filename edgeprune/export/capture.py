@@ -116,6 +116,9 @@ class StructureCapture(nn.Module):
         self._seen.clear()
         with torch.no_grad():
             outputs = tuple(self.model(*inputs.values()))
+        if getattr(self.model, "head", None) is None:
+            self._plan = ()
+            return self._plan, outputs
         known: dict[int, str] = {id(t): n for n, t in inputs.items()}
         known.update({id(t): n for n, t in zip(output_names, outputs)})
         planned = []

@@ -183,7 +183,8 @@ def _build_staged(model: Any, name: str, staging: Path, opts: ExportOptions, see
     _timed(phases, "simplify", t0)
     dmap = None
     if plan:
-        dmap = _record_structure(proto, plan, model, list(model.input_names()), list(model.output_names()), opts)
+        dmap = _record_structure(proto, plan, model, [i.name for i in proto.graph.input],
+                                 list(model.output_names()), opts)
     staged = staging / name
     external = size > PROTOBUF_LIMIT - _GRAPH_MARGIN if external_data is None else external_data
     _save(proto, staged, external)
