@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -54,9 +53,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
                                  "torch.save(model.state_dict(), PATH)")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {file} is not a torch state dict file ({first[:160]}); "
+    # torch.load on arbitrary bytes fails with arbitrary types (UnpicklingError, RuntimeError,
+    # IndexError, EOFError ...); every one means "not a state dict file" and is chained, not hidden.
+    except Exception as exc:  # noqa: BLE001
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint {file} is not a torch state dict file (torch.load failed: "
+                              f"{type(exc).__name__} {detail}); "
                               "save one with torch.save(model.state_dict(), PATH)") from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -88,19 +90,28 @@ def mismatch_report(model: nn.Module, state: Mapping[str, Tensor]) -> str | None
         parts.append(f"{len(unexpected)} unexpected keys ({_shown(unexpected)})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches ({_shown(shapes)})")
-    return "; ".join(parts) + _hint(expected, missing, unexpected)
+    return "; ".join(parts) + _hint(expected, state, missing, unexpected)
 
 
-def _hint(expected: Mapping[str, Tensor], missing: list[str], unexpected: list[str]) -> str:
-    """Name the two common causes: a wrapper prefix (``module.``) and the wrong scope."""
+def _hint(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], missing: list[str],
+          unexpected: list[str]) -> str:
+    """Name the common causes: a wrapper prefix (``module.``), another depth, the wrong scope."""
     heads = {k.split(".", 1)[0] for k in unexpected}
     if len(heads) == 1 and all("." in k and k.split(".", 1)[1] in expected for k in unexpected):
         return f"; the checkpoint's keys carry an extra prefix {heads.pop() + '.'!r}: strip it"
+    ckpt_layers, model_layers = _num_layers(state), _num_layers(expected)
+    if ckpt_layers and ckpt_layers != model_layers:
+        return f"; the checkpoint has {ckpt_layers} decoder layers, the model {model_layers}"
     if missing and not unexpected and not any(k.startswith("head.") for k in missing):
         return "; it holds only the head: a decoder-scope checkpoint needs --scope decoder"
     if unexpected and not missing and not any(k.startswith("head.") for k in unexpected):
         return "; it holds a whole model: use --scope full"
     return ""
+
+
+def _num_layers(keys: Iterable[str]) -> int:
+    """Decoder layers named in ``keys`` (``head.layers.<l>.*``)."""
+    return len({k.split(".")[2] for k in keys if k.startswith("head.layers.")})
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
