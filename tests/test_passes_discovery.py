@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import handwritten_decoder as hd
 from edgeprune.errors import PatternNotFoundError
 from edgeprune.passes.discovery import discover, require_parts
+from edgeprune.passes.matching import GraphIndex, match_parent_path
 from edgeprune.passes.structure import DecoderStructure, ProjectionInput
 
 VARIANTS = [(f, e, s) for f in hd.FLAVOURS for e in hd.EXPORTERS for s in (False, True)]
@@ -419,3 +420,15 @@ def test_discovery_on_24000_keys_reads_the_graph_only(monkeypatch: pytest.Monkey
     structure = discover(model)
     assert structure.num_keys == 24000 and structure.num_layers == 3
     assert all(layer.key_inputs[0].key_axis == 1 for layer in structure.layers)
+
+
+def test_match_parent_path() -> None:
+    model = GraphBuilder("unfused").build()
+    index = GraphIndex.build(model)
+    softmax = index.nodes["n_l0.cross.probs"]
+    path = match_parent_path(index, softmax, ["Add", "Mul", "MatMul", "Transpose"], [0, 0, 0, 1])
+    assert [n.name for n in path] == ["n_l0.cross.masked", "n_l0.cross.scaled", "n_l0.cross.scores", "n_l0.cross.kt"]
+    assert match_parent_path(index, softmax, ["Add", "Div"], [0, 0]) is None
+    assert match_parent_path(index, softmax, ["Add", "Mul", "MatMul"], [0, 1, 0]) is None    # input 1 is the scale
+    assert [n.name for n in match_parent_path(index, index.nodes["n_l0.cross.scores"], ["Transpose"], [None])] == [
+        "n_l0.cross.qh.heads"]

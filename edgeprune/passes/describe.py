@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from edgeprune.passes.attention_match import find_attentions
@@ -57,7 +57,7 @@ class ModelDescription:
         return out
 
     def _layer(self, i: int) -> Dict[str, Any]:
-        layer, flops = self.structure.layers[i], self.flops.layers[i]
+        layer, flops, b = self.structure.layers[i], self.flops.layers[i], self.flops.batch
         return {
             "index": i, "num_keys": layer.num_keys, "self_keys": self.sizes.self_keys[i],
             "probs": layer.probs.tensor, "probs_layout": layer.probs.layout,
@@ -65,9 +65,10 @@ class ModelDescription:
             "key_inputs": [p.tensor for p in layer.key_inputs],
             "value_inputs": [p.tensor for p in layer.value_inputs],
             "masks": [m.tensor for m in layer.masks], "logits": layer.logits,
-            "flops": {"total": flops.total * self.flops.batch, "cross_attention": flops.cross.total * self.flops.batch,
-                      "self_attention": flops.self_attn.total * self.flops.batch if flops.self_attn else None,
-                      "ffn": flops.ffn * self.flops.batch if flops.ffn else None},
+            "flops": {"total": flops.total * b, "cross_attention": flops.cross.total * b,
+                      "cross_attention_parts": {k: v * b for k, v in asdict(flops.cross).items()},
+                      "self_attention": flops.self_attn.total * b if flops.self_attn else None,
+                      "ffn": flops.ffn * b if flops.ffn else None},
         }
 
 

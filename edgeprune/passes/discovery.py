@@ -208,7 +208,7 @@ def find_cls_output(index: GraphIndex) -> Optional[str]:
     if len(linear) == 1:
         return linear[0]
     if stacked:
-        log.info("cannot tell which of the stacked outputs %s holds class logits; use --override cls_output=NAME",
+        log.debug("cannot tell which of the stacked outputs %s holds class logits; use --override cls_output=NAME",
                  stacked)
     return None
 
@@ -429,7 +429,7 @@ def _assemble(index: GraphIndex, layers: List[DecoderLayer], source: str, ov: Ov
         num_classes=_classes(index, layers, cls_output), embed_dims=_embed(index, first),
         num_heads=first.probs.num_heads, source=source, query_initializers=queries,
         cls_output=cls_output, decoder_map=dmap)
-    log.info("decoder (%s): %d layers, %d queries, %d keys, %d heads, batch %d", source, structure.num_layers,
+    log.debug("decoder (%s): %d layers, %d queries, %d keys, %d heads, batch %d", source, structure.num_layers,
              num_queries, first.num_keys, first.probs.num_heads, batch)
     return structure
 

@@ -1,8 +1,9 @@
 """``rewrite``: load, discover, apply passes, clean up, check, verify, save atomically.
 
-Pass order: the method passes in the order given, then the precision conversion (fp16 must
-see the final graph so that it keeps the inserted scoring subgraphs in fp32). A pass that
-needs decoder parts after an earlier pass changed the graph gets a fresh discovery.
+Pass order: each pass's ``prepare`` (graph normalizations, before discovery), then the method
+passes in the order given, then the precision conversion (fp16 must see the final graph so
+that it keeps the inserted scoring subgraphs in fp32). A pass that needs decoder parts after
+an earlier pass changed the graph gets a fresh discovery.
 
 Failure anywhere leaves no output file: the model is written to a temporary file beside the
 target, checked (onnx.checker, ORT load, verification run) there, and renamed at the end.
@@ -173,7 +174,7 @@ def apply_passes(model: Any, chain: Sequence[Any], structure: DecoderStructure, 
         model = p.apply(model, current)
         if model is None:
             raise InternalError(f"pass {p.name!r} returned no model")
-        log.info("pass %s: %.2f s", p.name, time.perf_counter() - started)
+        log.debug("pass %s: %.2f s", p.name, time.perf_counter() - started)
     return model
 
 
@@ -189,6 +190,8 @@ def rewrite(in_path: Union[str, os.PathLike], out_path: Union[str, os.PathLike],
     chain = list(passes) + ([precision_pass] if precision_pass is not None else [])
     model = load_model(in_path)
     nodes_before, bytes_before = len(model.graph.node), initializer_bytes(model)
+    for p in chain:
+        model = p.prepare(model) if hasattr(p, "prepare") else model
     structure = discover(model, ov)
     if chain:
         require_parts(structure, chain[0].requires, f"--method {chain[0].name}")

@@ -12,7 +12,11 @@ A pass is a class with
 - ``from_args(args)`` (classmethod): an instance from parsed arguments (raise ParameterError
   for out-of-range values);
 - ``apply(model, structure) -> onnx.ModelProto``: the rewrite. It may edit ``model`` in place
-  and return it. It must not keep matches on ``self``.
+  and return it. It must not keep matches on ``self``;
+- ``prepare(model) -> onnx.ModelProto`` (optional, BasePass: no-op): normalizations the pass
+  needs before discovery runs, e.g. ``normalize.split_shared_projections`` (undo onnxsim's
+  merging of all layers' key projections into one MatMul + Split). The structure the pass
+  receives describes the prepared graph.
 
 Adding a pass = one new module defining the class + one line in :data:`METHODS` (or
 :data:`PRECISIONS` for a number-format conversion, applied after the method). Pass modules are
@@ -29,9 +33,14 @@ from edgeprune.errors import InternalError, ParameterError
 # --method NAME -> "module:Class". Order is the order shown in --help.
 METHODS: Dict[str, str] = {
     "none": "edgeprune.passes.registry:IdentityPass",
+    "gpq": "edgeprune.passes.gpq:QueryPruningPass",
+    "tome": "edgeprune.passes.tome:TokenMergingPass",
 }
-# --precision NAME -> "module:Class" (fp32 is the absence of a conversion).
-PRECISIONS: Dict[str, str] = {}
+# --precision NAME -> "module:Class" (fp32 is the absence of a conversion). Precision passes
+# must also be constructible without arguments (``rewrite(..., precision="fp16")``).
+PRECISIONS: Dict[str, str] = {
+    "fp16": "edgeprune.passes.fp16:Fp16Pass",
+}
 
 
 class Pass(Protocol):
@@ -48,6 +57,8 @@ class Pass(Protocol):
     def from_args(cls, args: argparse.Namespace) -> "Pass": ...
 
     def apply(self, model: Any, structure: Any) -> Any: ...
+
+    def prepare(self, model: Any) -> Any: ...
 
 
 class BasePass:
@@ -67,6 +78,10 @@ class BasePass:
 
     def apply(self, model: Any, structure: Any) -> Any:
         raise NotImplementedError
+
+    def prepare(self, model: Any) -> Any:
+        """No normalization needed."""
+        return model
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
