@@ -6,18 +6,15 @@ encoding the ``D x 3`` coordinates with a 1x1-conv MLP. With one fixed rig the c
 are constants (a buffer, folded into the exported graph); only the MLP is learned.
 
 The rig (nuScenes-like ring; ego/lidar frame x forward, y left, z up; camera frame OpenCV:
-x right, y down, z forward):
+x right, y down, z forward)::
 
-============== ========= ==================================
-camera          yaw (deg)  position (m, lidar frame)
-============== ========= ==================================
-CAM_FRONT           0      0.8 * (cos yaw, sin yaw), z = -0.3
-CAM_FRONT_RIGHT   -60      same ring
-CAM_FRONT_LEFT     60
-CAM_BACK          180
-CAM_BACK_LEFT     120
-CAM_BACK_RIGHT   -120
-============== ========= ==================================
+    camera           yaw (deg)   position (m, lidar frame)
+    CAM_FRONT            0       (0.8 cos yaw, 0.8 sin yaw, -0.3)
+    CAM_FRONT_RIGHT    -60       same ring
+    CAM_FRONT_LEFT      60
+    CAM_BACK           180
+    CAM_BACK_LEFT      120
+    CAM_BACK_RIGHT    -120
 
 Camera order is nuScenes' (the order PETR's data pipeline stacks them in). Cameras sit on
 a 0.8 m ring, 0.3 m below the lidar (nuScenes: lidar at 1.84 m, cameras at ~1.5 m).
