@@ -6,7 +6,9 @@ with its own module names and two attention flavours:
 - ``"hand"``: batch-first multi-head attention written as matmul/softmax ([B, N, E]), scale
   applied after QK^T, key padding mask as an additive bias [B, 1, 1, Nk];
 - ``"mha"``: ``nn.MultiheadAttention`` used sequence-first ([N, B, E]) as the PETR reference
-  code does (mask given as ``key_padding_mask``).
+  code does (mask given as ``key_padding_mask``);
+- ``"mha_bf"``: ``nn.MultiheadAttention(batch_first=True)``, which transposes query, key and
+  value separately inside (not part of the main matrix; a regression case).
 
 Layer order is post-norm: self-attention -> norm -> cross-attention -> norm -> FFN -> norm;
 every layer's output goes through a final LayerNorm and the shared class / box branches;
@@ -46,6 +48,7 @@ class Dims:
     keys: int = 50
     classes: int = 10
     code: int = 10
+    temporal: int = 0      # StreamPETR-like memory tokens joining the self-attention keys (0: none)
 
 
 class HandMixer(nn.Module):
@@ -83,25 +86,31 @@ class Block(nn.Module):
         if flavour == "hand":
             self.mix_self, self.mix_cross = HandMixer(dims.embed, dims.heads), HandMixer(dims.embed, dims.heads)
         else:
-            self.mix_self = nn.MultiheadAttention(dims.embed, dims.heads)
-            self.mix_cross = nn.MultiheadAttention(dims.embed, dims.heads)
+            first = flavour == "mha_bf"
+            self.mix_self = nn.MultiheadAttention(dims.embed, dims.heads, batch_first=first)
+            self.mix_cross = nn.MultiheadAttention(dims.embed, dims.heads, batch_first=first)
         self.ln_a, self.ln_b, self.ln_c = (nn.LayerNorm(dims.embed) for _ in range(3))
         self.mlp = nn.Sequential(nn.Linear(dims.embed, dims.ffn), nn.ReLU(), nn.Linear(dims.ffn, dims.embed))
 
-    def forward(self, x: Tensor, qpos: Tensor, mem: Tensor, mpos: Tensor,
-                mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, qpos: Tensor, mem: Tensor, mpos: Tensor, mask: Tensor | None,
+                temp: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """hand: x [B, Nq, E], mem [B, Nk, E]; mha: x [Nq, B, E], mem [Nk, B, E].
 
-        Returns the new x and the head-averaged cross-attention probabilities [B, Nq, Nk].
+        ``temp`` (memory tokens, their positions; same layout) joins the self-attention keys
+        and values as in StreamPETR. Returns the new x and the head-averaged cross-attention
+        probabilities [B, Nq, Nk].
         """
         q = x + qpos
+        k, v = q, x
+        if temp is not None:
+            axis = 0 if self.flavour == "mha" else 1
+            k, v = torch.cat([q, temp[0] + temp[1]], dim=axis), torch.cat([x, temp[0]], dim=axis)
+        x = self.ln_a(x + self.mix_self(q, k, v)[0])
         if self.flavour == "hand":
-            x = self.ln_a(x + self.mix_self(q, q, x)[0])
             bias = None if mask is None else torch.zeros(mask.shape).masked_fill(mask, -1e9)[:, None, None, :]
             out, probs = self.mix_cross(x + qpos, mem + mpos, mem, bias)
             probs = probs.mean(dim=1)
         else:
-            x = self.ln_a(x + self.mix_self(q, q, x)[0])
             out, probs = self.mix_cross(x + qpos, mem + mpos, mem, key_padding_mask=mask)
         x = self.ln_b(x + out)
         return self.ln_c(x + self.mlp(x)), probs
@@ -155,20 +164,24 @@ class HandDecoder(nn.Module):
         return self.score_head(h), torch.cat([(box[..., :3] + anchor_logit).sigmoid(), box[..., 3:]], dim=-1)
 
     def forward(self, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor | None = None,
+                temp_memory: Tensor | None = None, temp_pos: Tensor | None = None,
                 prune: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """memory/key_pos [B, Nk, E]; temp_memory/temp_pos [B, M, E] when ``dims.temporal``."""
         bsz = memory.shape[0]
+        temp = None if temp_memory is None else (temp_memory, temp_pos)
         qpos = self.anchor_embed(self.anchors).unsqueeze(0).expand(bsz, -1, -1)       # [B, Nq, E]
         anchor_logit = torch.log(self.anchors / (1 - self.anchors))                   # [Nq, 3]
         x = torch.zeros_like(qpos)
         drops = drop_schedule(*prune[:2], self.dims.layers) if prune else [0] * self.dims.layers
         scores, boxes = [], []
         for block, drop in zip(self.blocks, drops):
-            if self.flavour == "hand":
-                x, probs = block(x, qpos, memory, key_pos, key_padding_mask)
+            if self.flavour != "mha":
+                x, probs = block(x, qpos, memory, key_pos, key_padding_mask, temp)
                 out = x
             else:   # sequence-first inside the decoder, as the PETR reference code
+                seq = None if temp is None else (temp[0].transpose(0, 1), temp[1].transpose(0, 1))
                 x, probs = block(x.transpose(0, 1), qpos.transpose(0, 1), memory.transpose(0, 1),
-                                 key_pos.transpose(0, 1), key_padding_mask)
+                                 key_pos.transpose(0, 1), key_padding_mask, seq)
                 out = x = x.transpose(0, 1)
             logits, box = self._heads(out, anchor_logit)
             scores.append(logits)
@@ -191,6 +204,9 @@ class HandDecoder(nn.Module):
             kpm[:, -7:] = True
             kpm[1:, 3] = True
             inputs["key_padding_mask"] = kpm
+        if self.dims.temporal:
+            shape = (batch, self.dims.temporal, self.dims.embed)
+            inputs.update(temp_memory=torch.randn(shape, generator=gen), temp_pos=torch.randn(shape, generator=gen))
         return inputs
 
 
@@ -260,12 +276,13 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def exported(flavour: str, exporter: str, simplify: bool = False, batch: int = 1,
-             mask: bool = True) -> Path:
-    """Path of a cached export of ``HandDecoder(flavour)`` (read-only: copy before editing)."""
-    module = HandDecoder(flavour)
-    name = f"{flavour}-{exporter}-{'sim' if simplify else 'raw'}-b{batch}-{'mask' if mask else 'nomask'}.onnx"
+             mask: bool = True, temporal: int = 0) -> Path:
+    """Path of a cached export of ``HandDecoder(flavour, Dims(temporal=...))`` (read-only: copy to edit)."""
+    module = HandDecoder(flavour, Dims(temporal=temporal))
+    name = (f"{flavour}-{exporter}-{'sim' if simplify else 'raw'}-b{batch}-{'mask' if mask else 'nomask'}"
+            f"-t{temporal}.onnx")
     if simplify:   # simplify a copy of the raw export (cached) instead of exporting twice
-        raw = exported(flavour, exporter, False, batch, mask)
+        raw = exported(flavour, exporter, False, batch, mask, temporal)
         import onnx
         import onnxsim
 

@@ -142,6 +142,17 @@ def test_batch_two(flavour: str, exporter: str, simplify: bool) -> None:
     check_against_torch(model, structure, module, module.example_inputs(batch=2))
 
 
+@pytest.mark.parametrize("flavour,exporter,simplify", [("mha", "torchscript", False), ("hand", "dynamo", True),
+                                                      ("mha_bf", "torchscript", False)])
+def test_temporal_self_attention_is_not_cross_attention(flavour: str, exporter: str, simplify: bool) -> None:
+    """StreamPETR: self-attention keys = queries + memory tokens, computed from the queries."""
+    model = onnx.load(str(hd.exported(flavour, exporter, simplify, temporal=12)))
+    structure = discover(model)
+    assert structure.num_layers == 3 and structure.num_keys == hd.Dims().keys
+    module = hd.HandDecoder(flavour, hd.Dims(temporal=12))
+    check_against_torch(model, structure, module, module.example_inputs())
+
+
 def test_logits_found_by_structure_when_outputs_are_renamed() -> None:
     """A foreign graph's outputs have arbitrary names: the stacked Linear outputs are the logits."""
     model = onnx.load(str(hd.exported("hand", "torchscript", True)))

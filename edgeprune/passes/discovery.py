@@ -87,7 +87,7 @@ def _usable_map(model: Any, index: GraphIndex) -> Any:
 def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[AttentionMatch]) -> Optional[List[DecoderLayer]]:
     """Layers whose probabilities/logits the map names; None (stale) when a name does not match."""
     by_probs = {m.probs.tensor: m for m in attentions if m.probs.tensor}
-    fused = [m for m in attentions if m.probs.layout == "fused"]
+    fused = [m for m in attentions if m.probs.layout == "fused" and is_cross_attention(index, m)]
     layers = []
     for lm in dmap.layers:
         if lm.cross_attn_probs is not None:
@@ -117,11 +117,24 @@ def is_cross_attention(index: GraphIndex, match: AttentionMatch) -> bool:
     if match.query_input is None:
         return True                                      # queries folded to a constant: keys are not them
     query = match.query_input.tensor
-    if key == query or index.depends_on(key, [query]):
+    roots = {query, _view_root(index, query)}     # nn.MultiheadAttention transposes q and k separately
+    if key in roots or index.depends_on(key, roots):
         return False
     kp, qp = index.producer.get(key), index.producer.get(query)
     duplicate = kp is not None and qp is not None and kp.op_type == qp.op_type and list(kp.input) == list(qp.input)
     return not duplicate
+
+
+_VIEWS = frozenset({"Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Expand"})
+
+
+def _view_root(index: GraphIndex, tensor: str) -> str:
+    """The tensor ``tensor`` is a view of (through Transpose/Reshape/Cast ...)."""
+    node = index.producer.get(tensor)
+    while node is not None and node.op_type in _VIEWS:
+        tensor = node.input[0]
+        node = index.producer.get(tensor)
+    return tensor
 
 
 def _select_cross(candidates: List[AttentionMatch], expected: Optional[int]) -> List[AttentionMatch]:
