@@ -22,9 +22,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from edgeprune.errors import InternalError
 from edgeprune.export.record import GLOBAL_ROLES, LAYER_ROLES, HeadFacts, PlannedExtra, extra_name
 
 log = logging.getLogger(__name__)
+
 
 def _bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Call arguments by parameter name (the head is called with keywords, attention positionally)."""
@@ -135,7 +137,7 @@ class StructureCapture(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         if self._plan is None:
-            raise RuntimeError("StructureCapture.plan() must run before export")
+            raise InternalError("StructureCapture.plan() must run before the export traces forward()")
         self._seen.clear()
         outputs = tuple(self.model(*inputs))
         extras = tuple(self._seen[p.name] for p in self._plan if p.kind == "output")

@@ -30,9 +30,9 @@ from typing import Any
 from edgeprune import _lazy
 from edgeprune.errors import InternalError, ParameterError
 from edgeprune.export import record
-from edgeprune.export.record import PlannedExtra
 from edgeprune.export.decoder_map import DecoderMap, missing_tensors, read_decoder_map, write_decoder_map
 from edgeprune.export.native_output import native_output_to_debug_log
+from edgeprune.export.record import PlannedExtra
 from edgeprune.export.simplify import simplify_model
 from edgeprune.export.validate import (DEFAULT_TOLERANCE, ExportValidationError, ValidationReport,
                                        compare_outputs, ort_session, run_onnx)
@@ -121,7 +121,7 @@ def export_onnx(model: Any, path: str | os.PathLike, *, exporter: str = "torchsc
     target = check_writable(path)
     started = time.perf_counter()
     phases: list[tuple[str, float]] = []
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -131,7 +131,8 @@ def export_onnx(model: Any, path: str | os.PathLike, *, exporter: str = "torchsc
         final_data = _commit(staged, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        model.train(was_training)
+        for module, training in modes:          # torch.onnx.export and eval() change modes
+            module.training = training
     return _report(target, final_data, opts, note, dmap, report, time.perf_counter() - started, phases)
 
 
@@ -163,7 +164,7 @@ def _trace(model: Any, staging: Path, opts: ExportOptions, seed: int, record_str
             with torch.no_grad():
                 outputs = model(*check_inputs.values())
         proto = _torch_export(torch, wrapper if plan else model, inputs, output_names, plan, staging, opts)
-    _timed(phases, "export", t0)
+    _timed(phases, "torch reference + export", t0)
     reference = None
     if validate:
         reference = _Reference({n: t.detach().cpu().numpy() for n, t in check_inputs.items()},
@@ -242,7 +243,7 @@ def _save(proto: Any, staged: Path, external: bool) -> None:
     """Write ``proto``; with ``external`` the weights go to ``<name>.data`` beside it."""
     onnx = _lazy.require("onnx")
     if external:
-        log.info("weights exceed the 2 GB protobuf limit: saving them to %s.data", staged.name)
+        log.info("saving the weights as external data in %s.data (protobuf files stop at 2 GB)", staged.name)
         onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{staged.name}.data", size_threshold=1024)
     else:
