@@ -142,7 +142,7 @@ def test_batch_two(flavour: str, exporter: str, simplify: bool) -> None:
     check_against_torch(model, structure, module, module.example_inputs(batch=2))
 
 
-@pytest.mark.parametrize("flavour,exporter,simplify", [("mha", "torchscript", False), ("hand", "dynamo", True),
+@pytest.mark.parametrize("flavour,exporter,simplify", [("mha", "torchscript", False), ("hand", "torchscript", True),
                                                       ("mha_bf", "torchscript", False)])
 def test_temporal_self_attention_is_not_cross_attention(flavour: str, exporter: str, simplify: bool) -> None:
     """StreamPETR: self-attention keys = queries + memory tokens, computed from the queries."""
@@ -374,18 +374,27 @@ def test_graph_without_decoder_is_an_error() -> None:
 
 
 # ---------------------------------------------------------------- metadata
-@pytest.fixture(scope="module")
-def edgeprune_export(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A decoder exported by edgeprune itself (with its decoder map in the metadata)."""
+EDGEPRUNE_EXPORTS = [("manual", "torchscript", "petr-r50-800x320", "decoder"),
+                     ("torch", "dynamo", "streampetr-r50-704x256", "decoder"),
+                     ("torch", "torchscript", "focalpetr-r18-704x256", "full")]
+
+
+@pytest.fixture(scope="module", params=EDGEPRUNE_EXPORTS, ids=lambda p: "-".join(p[:2] + p[3:]))
+def edgeprune_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny model exported by edgeprune itself (with its decoder map in the metadata)."""
     from edgeprune.export import export_onnx
     from edgeprune.models.build import build_model
     from edgeprune.models.presets import get_preset
 
-    preset = get_preset("petr-r50-800x320").with_decoder(num_layers=2, embed_dims=32, num_heads=2, ffn_dims=64,
-                                                        num_queries=20)
-    preset = type(preset)(preset.name, preset.family, preset.backbone, (128, 80), 1, preset.decoder)
-    path = tmp_path_factory.mktemp("export") / "decoder.onnx"
-    export_onnx(build_model(preset, "decoder"), path, exporter="torchscript")
+    attention, exporter, name, scope = request.param
+    preset = get_preset(name).with_decoder(num_layers=2, embed_dims=32, num_heads=2, ffn_dims=64, num_queries=20,
+                                          attention=attention)
+    if preset.decoder.is_temporal:
+        preset = preset.with_decoder(num_propagated=8, memory_len=16)
+    cameras = 6 if scope == "full" else 1
+    preset = type(preset)(preset.name, preset.family, preset.backbone, (128, 64), cameras, preset.decoder)
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    export_onnx(build_model(preset, scope), path, exporter=exporter, simplify=scope == "decoder")   # keep it quick
     return onnx.load(str(path))
 
 
@@ -399,6 +408,7 @@ def test_metadata_is_used_when_present_and_ignored_when_stale(edgeprune_export: 
     assert structure.source == "metadata" and structure.decoder_map == dmap
     assert [layer.probs.tensor for layer in structure.layers] == [lm.cross_attn_probs.name for lm in dmap.layers]
     assert [layer.logits for layer in structure.layers] == [lm.logits.name for lm in dmap.layers]
+    assert (structure.num_keys, structure.num_queries) == (dmap.num_keys, dmap.num_queries)
     stale = onnx.ModelProto()
     stale.CopyFrom(edgeprune_export)
     prop = next(p for p in stale.metadata_props if p.key == DECODER_MAP_KEY)
@@ -406,9 +416,9 @@ def test_metadata_is_used_when_present_and_ignored_when_stale(edgeprune_export: 
     with caplog.at_level(logging.WARNING):
         matched = discover(stale)
     assert matched.source == "matched" and "stale" in caplog.text
-    # matching alone finds the same layers the exporter recorded
-    assert [(layer.probs.tensor, layer.logits) for layer in matched.layers] == [
-        (layer.probs.tensor, layer.logits) for layer in structure.layers]
+    # matching alone finds exactly what the exporter recorded
+    assert [(layer.probs, layer.logits, layer.key_inputs, layer.value_inputs) for layer in matched.layers] == [
+        (layer.probs, layer.logits, layer.key_inputs, layer.value_inputs) for layer in structure.layers]
     assert matched.num_keys == dmap.num_keys and matched.num_heads == dmap.num_heads
 
 
