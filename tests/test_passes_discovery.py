@@ -10,6 +10,7 @@ the inputs of its key and value projections, its padding mask and its class logi
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -453,3 +454,16 @@ def test_match_parent_path() -> None:
     assert match_parent_path(index, softmax, ["Add", "Mul", "MatMul"], [0, 1, 0]) is None    # input 1 is the scale
     assert [n.name for n in match_parent_path(index, index.nodes["n_l0.cross.scores"], ["Transpose"], [None])] == [
         "n_l0.cross.qh.heads"]
+
+
+def test_metadata_survives_a_rewrite(edgeprune_export: Any, tmp_path: Path) -> None:
+    from edgeprune.passes.driver import rewrite
+    from edgeprune.passes.registry import IdentityPass
+
+    src = tmp_path / "in.onnx"
+    onnx.save(edgeprune_export, str(src))
+    report = rewrite(src, tmp_path / "out.onnx", [IdentityPass()], verify=False)
+    assert report.structure.source == "metadata"
+    again = discover(onnx.load(str(tmp_path / "out.onnx")))
+    assert again.source == "metadata"
+    assert [layer.probs.tensor for layer in again.layers] == [layer.probs.tensor for layer in report.structure.layers]

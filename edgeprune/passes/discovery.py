@@ -94,9 +94,12 @@ def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[Attentio
             match = by_probs.get(lm.cross_attn_probs.name)
         else:
             match = fused[lm.index] if lm.index < len(fused) else None
-        if match is None:
-            log.warning("decoder map names %s for layer %d but no attention reads it; matching the graph instead",
-                        lm.cross_attn_probs.name if lm.cross_attn_probs else "fused attention", lm.index)
+        if match is None or match.num_queries != dmap.num_queries:
+            recorded = lm.cross_attn_probs.name if lm.cross_attn_probs else "a fused attention op"
+            why = (f"no attention reads {recorded}" if match is None
+                   else f"{match.num_queries} queries in the graph, {dmap.num_queries} recorded")
+            log.warning("the decoder map in the model's metadata is stale (layer %d: %s); matching the graph "
+                        "instead", lm.index, why)
             return None
         layers.append(_layer(lm.index, match, lm.logits.name if lm.logits else None))
     return layers

@@ -7,8 +7,9 @@ an earlier pass changed the graph gets a fresh discovery.
 
 Failure anywhere leaves no output file: the model is written to a temporary file beside the
 target, checked (onnx.checker, ORT load, verification run) there, and renamed at the end.
-The output drops the input's ``edgeprune.decoder_map`` record (it describes the graph before
-the rewrite; discovery re-matches rewritten graphs) and records the passes applied under
+The output keeps the ``edgeprune.decoder_map`` record (a pass that changes what it records,
+such as GPQ's query count, updates it; discovery ignores a record naming tensors the graph no
+longer has, or whose query count disagrees with the graph) and appends the passes applied to
 ``edgeprune.rewrite``.
 """
 from __future__ import annotations
@@ -33,7 +34,6 @@ from edgeprune.passes.verify import VerifyReport, compare_models
 log = logging.getLogger(__name__)
 
 REWRITE_KEY = "edgeprune.rewrite"
-DECODER_MAP_KEY = "edgeprune.decoder_map"
 _EXTERNAL_DATA_BYTES = 1_800_000_000      # protobuf cannot serialize 2 GB; keep a margin
 
 
@@ -131,7 +131,7 @@ def cleanup(model: Any) -> Any:
 
 
 def _record_rewrite(model: Any, passes: Sequence[str], precision: str) -> None:
-    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in (DECODER_MAP_KEY, REWRITE_KEY)]
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != REWRITE_KEY]
     previous = next((p.value for p in model.metadata_props if p.key == REWRITE_KEY), None)
     history = json.loads(previous) if previous else []
     history.append({"passes": list(passes), "precision": precision})
