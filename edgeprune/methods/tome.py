@@ -137,6 +137,27 @@ def merge_weighted(tensors: list[Tensor], size: Tensor, matching: Matching) -> t
     return [merge_sum(t * size, matching) / new_size for t in tensors], new_size
 
 
+def matching_margin(metric: Tensor, r: int) -> float:
+    """How decisive a matching is: the smallest similarity gap that decides it (float64).
+
+    The gap between the r-th and (r+1)-th best A-key similarity (which A keys merge) and, for
+    each merged A key, between its best and second-best B key (where it goes). A margin
+    below the runtime's rounding (~1e-6) means another runtime may merge differently.
+    """
+    a, b = metric[:, ::2].double(), metric[:, 1::2].double()
+    scores = a @ b.transpose(-1, -2)                                          # [B, Na, Nb]
+    top2 = scores.topk(min(2, scores.shape[-1]), dim=-1).values               # [B, Na, 2]
+    best = top2[..., 0].sort(dim=-1, descending=True).values                  # [B, Na]
+    gaps = [float("inf")]
+    if 0 < r < best.shape[1]:
+        gaps.append((best[:, r - 1] - best[:, r]).min().item())
+    if r > 0 and top2.shape[-1] == 2:
+        merged = bipartite_soft_matching(metric.double(), r).merged           # [B, r]
+        second = (top2[..., 0] - top2[..., 1]).gather(1, merged)
+        gaps.append(second.min().item())
+    return min(gaps)
+
+
 def merge_keys(memory: Tensor, key_pos: Tensor, size: Tensor, metric: Tensor,
                r: int) -> tuple[Tensor, Tensor, Tensor]:
     """One ToMe step on the keys: memory/key_pos [B, Nk, E], size [B, Nk, 1] -> Nk - r keys."""
@@ -150,7 +171,8 @@ class ToMeOutput:
     """The head's outputs with ToMe between layers, and the key sizes each layer saw."""
 
     head: "HeadOutput"
-    sizes: list[Tensor]   # L x [B, Nk_l, 1]: original keys each of layer l's keys stands for
+    sizes: list[Tensor]    # L x [B, Nk_l, 1]: original keys each of layer l's keys stands for
+    metrics: list[Tensor]  # per merging layer: its normalised key metric [B, Nk_l, d] (diagnostics)
 
 
 def forward_with_tome(head: "PETRHead", inputs: dict[str, Tensor], config: ToMeConfig) -> ToMeOutput:
@@ -170,7 +192,7 @@ def forward_with_tome(head: "PETRHead", inputs: dict[str, Tensor], config: ToMeC
     ref_logit = inverse_sigmoid(ref)
     size = memory.new_ones(memory.shape[0], memory.shape[1], 1)                            # [B, Nk, 1]
     temp_memory, temp_pos = inputs.get("temp_memory"), inputs.get("temp_pos")
-    logits_all, boxes_all, probs_all, sizes = [], [], [], []
+    logits_all, boxes_all, probs_all, sizes, metrics = [], [], [], [], []
     for layer, r_l in zip(head.layers, per_layer):
         sizes.append(size)
         tgt, probs = layer(tgt, query_pos, memory, key_pos, temp_memory, temp_pos, None)
@@ -180,9 +202,10 @@ def forward_with_tome(head: "PETRHead", inputs: dict[str, Tensor], config: ToMeC
             e = head.cfg.embed_dims
             metric = key_metric(memory + key_pos, attn.in_proj_weight[e:2 * e], attn.in_proj_bias[e:2 * e],
                                 head.cfg.num_heads)                                        # [B, Nk, d]
+            metrics.append(metric)
             memory, key_pos, size = merge_keys(memory, key_pos, size, metric, r_l)
         logits_all.append(logits), boxes_all.append(boxes), probs_all.append(probs)
     torch = require("torch")
     out = HeadOutput(torch.stack(logits_all), torch.stack(boxes_all), probs_all, logits_all,
                      [None] * len(logits_all))
-    return ToMeOutput(out, sizes)
+    return ToMeOutput(out, sizes, metrics)

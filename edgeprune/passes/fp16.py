@@ -151,32 +151,57 @@ def _cast_to(node: Any) -> int:
 
 
 def remove_cast_round_trips(model: Any) -> tuple[Any, int]:
-    """Collapse chains of float Casts (fp32<->fp16); return (model, Casts removed).
+    """Collapse chains of float Casts and merge duplicate Casts; return (model, Casts removed).
 
     ``x -> Cast(a) -> Cast(b)`` becomes ``x -> Cast(b)``, or just ``x`` when ``x`` already has
     type ``b``. Dropping ``fp32 -> fp16 -> fp32`` removes one fp16 rounding between two fp32
-    nodes, which is what keeping them in fp32 asked for.
+    nodes, which is what keeping them in fp32 asked for. The converter also casts a graph
+    input once per consumer; Casts of one tensor to one type are merged.
     """
     gs = require("onnx_graphsurgeon")
     graph = gs.import_onnx(model)
     before = sum(1 for n in graph.nodes if n.op == "Cast")
     for node in graph.nodes:
-        if node.op != "Cast" or _cast_to(node) not in (FLOAT, FLOAT16):
-            continue
-        source = node.inputs[0]
-        while source.inputs and source.inputs[0].op == "Cast" and _cast_to(source.inputs[0]) in (FLOAT, FLOAT16):
-            source = source.inputs[0].inputs[0]
-        if source is node.inputs[0]:
-            continue
-        if _dtype_code(source) == _cast_to(node) and node.outputs[0] not in graph.outputs:
-            _bypass(node, source)
-        else:
-            node.inputs[0] = source
+        if node.op == "Cast" and _cast_to(node) in (FLOAT, FLOAT16):
+            _collapse_chain(graph, node)
+    _merge_duplicate_casts(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     after = sum(1 for n in graph.nodes if n.op == "Cast")
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
     return out, before - after
+
+
+def _is_float_cast(node: Any) -> bool:
+    return node.op == "Cast" and _cast_to(node) in (FLOAT, FLOAT16)
+
+
+def _collapse_chain(graph: Any, node: Any) -> None:
+    """Read the first non-Cast source of a chain of float Casts ending at ``node``."""
+    source = node.inputs[0]
+    while source.inputs and _is_float_cast(source.inputs[0]):
+        source = source.inputs[0].inputs[0]
+    if source is node.inputs[0]:
+        return
+    if _dtype_code(source) == _cast_to(node) and node.outputs[0] not in graph.outputs:
+        _bypass(node, source)
+    else:
+        node.inputs[0] = source
+
+
+def _merge_duplicate_casts(graph: Any) -> None:
+    """One Cast per (input tensor, target type): later duplicates hand their consumers over."""
+    first: dict[tuple[str, int], Any] = {}
+    for node in graph.nodes:
+        if node.op != "Cast" or not node.outputs or node.outputs[0] in graph.outputs:
+            continue
+        key = (node.inputs[0].name, _cast_to(node))
+        if key in first:
+            _bypass(node, first[key].outputs[0])
+        else:
+            first[key] = node
 
 
 def _dtype_code(tensor: Any) -> int | None:

@@ -400,22 +400,37 @@ class TokenMergingPass(BasePass):
     requires = frozenset({"probs", "key", "value"})
 
     def __init__(self, r: int, n: int = 1) -> None:
-        self.config = ToMeConfig(r=r, n=n)
         if r < 0 or n < 0:
             raise ParameterError(f"--r and --n must be >= 0 (got --r {r} --n {n})")
+        self.config = ToMeConfig(r=r, n=n)
 
     @classmethod
     def add_arguments(cls, group: Any) -> None:
-        group.add_argument("--r", type=int, default=None, metavar="R", help="keys removed in total (pruned or merged)")
-        group.add_argument("--n", type=int, default=None, metavar="N", help="number of layers that prune/merge (default 1)")
+        # Same flags as the tgGBC pass: whichever registers first defines them (registry._SharedGroup).
+        group.add_argument("--r", "--keys-pruned", dest="r", type=int, default=None, metavar="R",
+                           help="keys (image tokens) pruned in total (tgGBC, ToMe)")
+        group.add_argument("--n", "--pruning-layers", dest="n", type=int, default=None, metavar="N",
+                           help="number of decoder layers that prune, from the first (default 1)")
 
     @classmethod
     def from_args(cls, args: Any) -> "TokenMergingPass":
         r = getattr(args, "r", None)
         if r is None:
             raise ParameterError("--method tome needs --r R (keys merged in total), e.g. --r 2000 --n 2")
+        for option in ("k", "class_reduce", "no_class_score", "tensorrt"):
+            if getattr(args, option, None):
+                raise ParameterError(f"--{option.replace('_', '-')} is a tgGBC option; --method tome takes --r and --n")
         n = getattr(args, "n", None)
         return cls(r=r, n=1 if n is None else n)
+
+    def prepare(self, model: Any) -> Any:
+        """Undo onnxsim's merged key projections (one MatMul + Split for all layers): later layers
+        must read fewer keys than earlier ones. Nothing changes when nothing is merged."""
+        if self.config.enabled:
+            from edgeprune.passes.normalize import split_shared_projections
+
+            split_shared_projections(model)
+        return model
 
     def apply(self, model: Any, structure: DecoderStructure) -> Any:
         return apply_tome(model, structure, self.config)
