@@ -38,7 +38,7 @@ class AttentionMatch:
     probs: AttentionProbs
     pv_node: str
     qk_node: Optional[str]                  # MatMul(Q, K^T); None for fused ops
-    query_input: Optional[ProjectionInput]  # None when the query side is a folded constant
+    query_input: Optional[ProjectionInput]  # None: queries folded to a constant, or projection not matched
     key_input: ProjectionInput
     value_input: ProjectionInput
     masks: Tuple[MaskInput, ...]
@@ -47,6 +47,7 @@ class AttentionMatch:
     batch: int
     embed_dims: int                         # last axis of the key projection input
     path_nodes: Tuple[str, ...]             # nodes between projection inputs and attention
+    query_constant: bool = False            # the query side (Q) is computed from constants only
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,17 @@ def find_projection(index: GraphIndex, tensor: str, num_keys: int) -> Optional[_
 
 
 def _axes(shape: Optional[Sequence[Any]], num_keys: int) -> Optional[Tuple[int, Optional[int]]]:
-    """(key axis, batch axis) of a projection input [B, N, E], [N, B, E] or [N, E]."""
+    """(key axis, batch axis) of a projection input [B, N, E], [N, B, E] or [N, E].
+
+    When B == N both axes fit; the batch-first reading (key axis 1) is taken.
+    """
     if shape is None or len(shape) < 2:
         return None
     body = list(shape[:-1])
     hits = [i for i, d in enumerate(body) if d == num_keys]
     if not hits:
         return None
-    key_axis = hits[-1] if len(body) == 2 and body[0] != num_keys else hits[0]
+    key_axis = hits[-1]
     rest = [i for i in range(len(body)) if i != key_axis]
     return key_axis, (rest[0] if len(rest) == 1 else None)
 
@@ -259,7 +263,7 @@ def _assemble(index: GraphIndex, softmax: Any, probs_shape: Sequence[int], score
         query_input=query.input if query is not None else None,
         key_input=key.input, value_input=value.input, masks=masks,
         num_queries=probs_shape[-2], num_keys=probs_shape[-1], batch=batch, embed_dims=int(embed),
-        path_nodes=tuple(dict.fromkeys(path)))
+        path_nodes=tuple(dict.fromkeys(path)), query_constant=index.is_constant(scores.qk.input[0]))
 
 
 # ------------------------------------------------------------------ fused
@@ -315,7 +319,8 @@ def match_fused_attention(index: GraphIndex, node: Any) -> Optional[AttentionMat
         node=node.name, probs=probs, pv_node=node.name, qk_node=None,
         query_input=query.input if query is not None else None, key_input=key.input, value_input=value.input,
         masks=_fused_masks(index, node, batch), num_queries=nq, num_keys=nk, batch=batch,
-        embed_dims=int(index.shape(key.input.tensor)[-1]), path_nodes=tuple(dict.fromkeys(path)))
+        embed_dims=int(index.shape(key.input.tensor)[-1]), path_nodes=tuple(dict.fromkeys(path)),
+        query_constant=index.is_constant(node.input[0]))
 
 
 def find_attentions(index: GraphIndex) -> List[AttentionMatch]:

@@ -117,8 +117,8 @@ def is_cross_attention(index: GraphIndex, match: AttentionMatch) -> bool:
     key = match.key_input.tensor
     if index.is_constant(key):
         return False                                     # a first self-attention folded by the exporter
-    if match.query_input is None:
-        return True                                      # queries folded to a constant: keys are not them
+    if match.query_input is None:                        # no query projection to compare with:
+        return match.query_constant or match.num_keys != match.num_queries   # folded queries, or by shape
     query = match.query_input.tensor
     roots = {query, _view_root(index, query)}     # nn.MultiheadAttention transposes q and k separately
     if key in roots or index.depends_on(key, roots):
