@@ -7,21 +7,45 @@ leaves to its user:
 
 1. Kept in fp32 (node block list): every node whose name starts with one of
    ``keep_fp32_prefixes`` (the tgGBC importance/TopK subgraph ``tggbc/``, ToMe's matching
-   ``tome/``: a key's rank must not flip because of fp16 rounding) and every op in
-   ``keep_fp32_ops`` (:data:`FP32_OPS`, chosen by measurement, see ``docs`` in the README
-   snippet), besides the converter's own list (TopK, Range, CumSum, Min, Max, ...).
+   ``tome/``: a key's rank must not flip because of fp16 rounding), every op in
+   ``keep_fp32_ops`` (:data:`FP32_OPS`) and the converter's own list (TopK, Range, CumSum,
+   Min, Max, Resize, ...).
 2. Graph repairs the converter needs: an initializer read by both an fp32 and an fp16 node
    is duplicated (the converter would keep one fp32 copy for both); ``Cast(to=float)``
    inside the fp16 part is retargeted to float16; ``ConstantOfShape`` without a value (an
-   fp32 zero by default) gets an explicit one so it converts.
-3. Redundant Cast chains are removed with onnx-graphsurgeon (:func:`remove_cast_round_trips`):
-   ``Cast(fp32->fp16) -> Cast(fp16->fp32)`` between two fp32 nodes (which only added an
-   fp16 rounding) and ``Cast(fp16->fp32) -> Cast(fp32->fp16)`` (an exact identity).
+   fp32 zero by default; the dynamo exporter writes it) gets an explicit one.
+3. Redundant Casts are removed with onnx-graphsurgeon (:func:`remove_cast_round_trips`):
+   ``Cast(fp32->fp16) -> Cast(fp16->fp32)`` between two fp32 nodes (it only added an fp16
+   rounding), ``Cast(fp16->fp32) -> Cast(fp32->fp16)`` (an identity), longer chains, and
+   duplicate Casts of one tensor (the converter casts a graph input once per consumer).
 4. Strict type inference checks that every edge has one dtype before the model is returned.
 
-Tolerance measured on ONNX Runtime CPU against the fp32 model (random N(0, 1) inputs):
-see ``tests/test_passes_fp16.py``; max abs deviation of ``all_cls_scores`` (logits) and
-``all_bbox_preds`` stays below :data:`FP16_ABS_TOLERANCE`.
+Measured on ONNX Runtime 1.31 CPU (x86-64) against the fp32 model, seeded N(0, 1) inputs,
+random weights (``build_model``); max abs deviation of logits / boxes:
+
+=======================================================  ===============  ================
+decoder                                                   all_cls_scores   all_bbox_preds
+=======================================================  ===============  ================
+tiny StreamPETR-like, 80 keys, 2 layers                   5.0e-3           2.2e-3
+StreamPETR R50 704x256 (4224 keys), 3 layers              4.0e-3           2.2e-3
+  + tgGBC r=3000 n=2, batch 2 (8 input seeds)             5.8e-3 - 8.9e-3  3.8e-3 - 7.4e-3
+StreamPETR VoV 1600x640 (24000 keys), 6 layers            5.0e-3           3.2e-3
+  + tgGBC r=21000 n=2 k=175                               6.8e-3 - 7.4e-3  4.0e-3 - 4.2e-3
+=======================================================  ===============  ================
+
+Stated tolerances: :data:`FP16_ABS_TOLERANCE` = 1e-2 for a converted decoder, and
+:data:`FP16_PRUNED_ABS_TOLERANCE` = 2e-2 for a tgGBC/ToMe-rewritten one: there fp16
+rounding can also move a key across the selection boundary, and the layers after it then
+see a slightly different key set (the largest deviations above are in the last layer).
+Keys tgGBC keeps in fp16 vs fp32 at 24000 keys: 99.96 % (layer 0) and 99.97 % (layer 1)
+identical; with the ``tggbc/`` subgraph converted too, 99.93 % and a 35 % larger box error.
+Softmax in fp32 (:data:`FP32_OPS`): on ORT CPU (x86-64, and the aarch64 1.22 wheel under
+qemu) Softmax, MatMul and Add have no fp16 kernel and run in fp32 between inserted Casts
+anyway, so it costs nothing there and changed the deviation by < 15 %; it is kept because a
+native fp16 softmax over 24000 keys would sum 24000 terms in fp16 (spacing 16 above 16384).
+LayerNormalization in fp32 lowered the deviation by ~10-25 % but adds two Casts per norm
+(25 -> 183 Casts at 6 layers) and ORT has a native fp16 kernel for it, so it stays fp16.
+Opset < 17 exports decompose LayerNorm into ReduceMean/Pow/Sqrt: those pieces run in fp16.
 """
 from __future__ import annotations
 
@@ -38,11 +62,12 @@ log = logging.getLogger(__name__)
 
 FLOAT, FLOAT16 = 1, 10           # onnx.TensorProto data types
 DEFAULT_KEEP_PREFIXES = ("tggbc/", "tome/")
-# Ops kept in fp32 beyond the converter's own block list; why each is here is measured in
-# tests/test_passes_fp16.py::test_kept_ops_reduce_deviation and stated in the README snippet.
+# Ops kept in fp32 beyond the converter's own block list (see the module docstring for why).
 FP32_OPS: tuple[str, ...] = ("Softmax",)
-# Max abs deviation from fp32 of logits and boxes stated for PETR-family decoders on ORT CPU.
+# Stated max abs deviation from fp32 of logits and boxes of PETR-family decoders on ORT CPU,
+# plain and after key pruning / merging (see the module docstring for the measurements).
 FP16_ABS_TOLERANCE = 1e-2
+FP16_PRUNED_ABS_TOLERANCE = 2e-2
 
 
 @dataclass(frozen=True)

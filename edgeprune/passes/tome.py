@@ -17,9 +17,10 @@ scaling, and the sum needs no opset-dependent ReduceMean. Merging the projection
 separately (a weighted average is linear). The size tensor ``[B, Nk, 1]`` starts at ones.
 
 Limits (clear errors): fused attention ops (no separate key tensor to read), key padding
-masks, projections shared by layers with different key counts. TopK sorts all of set A
-(``Na`` = half the keys): more than TensorRT's 3840 on large inputs, so this baseline targets
-ONNX Runtime.
+masks, projections shared by layers with different key counts (``prepare`` first undoes
+onnxsim's merged projections). The similarity matrix is ``[B, Nk/2, Nk/2]`` (576 MB per
+batch element at 24000 keys) and TopK selects ``r_l`` keys, beyond TensorRT's K <= 3840 on
+large inputs: this baseline targets ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -70,9 +71,10 @@ def plan_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> To
     _check_opset(model)
     index = GraphIndex.build(model)
     steps, keys, widths = [], structure.num_keys, []
+    last = structure.num_layers - 1
     for layer, r_l in zip(structure.layers, per_layer):
         widths.append(keys)
-        if r_l > 0:
+        if r_l > 0 and layer.index < last:                 # a merge after the last layer feeds nothing
             steps.append(MergeStep(layer.index, r_l, keys, _keys_tensor(index, layer, score_path)))
             keys -= r_l
     for layer in structure.layers[1:]:
