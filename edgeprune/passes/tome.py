@@ -24,6 +24,7 @@ large inputs: this baseline targets ONNX Runtime.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -31,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeprune._lazy import require
-from edgeprune.errors import ParameterError, PatternNotFoundError
+from edgeprune.errors import InternalError, ParameterError, PatternNotFoundError
 from edgeprune.methods.tome import ToMeConfig, max_merges
 from edgeprune.passes.registry import BasePass
 from edgeprune.passes.structure import DecoderLayer, DecoderStructure, ProjectionInput
@@ -54,7 +55,7 @@ class MergeStep:
 
 @dataclass(frozen=True)
 class ToMePlan:
-    """What the rewrite does: the merge steps and, per later layer, which inputs to rewire."""
+    """What the rewrite inserts; computed from the structure (no graph edit)."""
 
     steps: tuple[MergeStep, ...]
     batch: int
@@ -90,7 +91,7 @@ def _check_opset(model: Any) -> None:
 
 
 def _keys_tensor(index: Any, layer: DecoderLayer, score_path: Any) -> str:
-    """K^T read by the layer's QK^T MatMul; refuses fused attention and masks."""
+    """K^T read by the layer's QK^T MatMul; refuses fused attention (no key tensor to read)."""
     where = f"decoder layer {layer.index}"
     if layer.probs.layout == "fused" or layer.probs.tensor is None:
         raise PatternNotFoundError(f"ToMe needs the key tensor of {where}'s attention, but it is a fused "
@@ -109,6 +110,7 @@ def _keys_tensor(index: Any, layer: DecoderLayer, score_path: Any) -> str:
 
 
 def _check_layer(layer: DecoderLayer) -> None:
+    """A later layer's keys must be mergeable: no mask, a known batch axis."""
     if layer.masks:
         raise PatternNotFoundError(f"decoder layer {layer.index} applies a key mask ({layer.masks[0].tensor}); "
                                    "ToMe cannot merge masked keys: use --method tggbc")
@@ -204,13 +206,12 @@ def _expand_index(b: _Builder, index: str, rows: int, width: int, batch: int) ->
 def _merge_sum(b: _Builder, x: str, m: _Matching, width: int, batch: int) -> str:
     """methods.tome.merge_sum: [B, Nk, C] -> [B, Nk - r, C]."""
     n, r = m.step.num_keys, m.step.r
-    na, nb = max_merges(n), n // 2
+    na = max_merges(n)
     src, dst = b.take_every_other(x, 0, n), b.take_every_other(x, 1, n)
     kept = b.op("GatherElements", [src, _expand_index(b, m.unmerged, na - r, width, batch)], "kept", axis=1)
     moved = b.op("GatherElements", [src, _expand_index(b, m.merged, r, width, batch)], "moved", axis=1)
     dst = b.op("ScatterElements", [dst, _expand_index(b, m.destination, r, width, batch), moved], "into_b",
                axis=1, reduction="add")                                                              # [B, Nb, C]
-    del nb
     return b.op("Concat", [kept, dst], "merged_keys", axis=1)
 
 
@@ -365,7 +366,6 @@ def toposort(model: Any) -> None:
     for i, d in enumerate(deps):
         for j in d:
             users.setdefault(j, []).append(i)
-    import heapq
     waiting = [len(d) for d in deps]
     ready = [i for i, w in enumerate(waiting) if w == 0]
     heapq.heapify(ready)
@@ -378,7 +378,6 @@ def toposort(model: Any) -> None:
             if waiting[u] == 0:
                 heapq.heappush(ready, u)
     if len(order) != len(graph.node):
-        from edgeprune.errors import InternalError
         raise InternalError("the ToMe rewrite created a cycle in the graph")
     nodes = [graph.node[i] for i in order]
     del graph.node[:]
