@@ -159,6 +159,23 @@ def test_preset_matches_torch_reference(case: Tuple[Any, ...], batch: int, expor
     assert plan.keys_per_layer[-1] == again.num_keys - cfg.r
 
 
+def test_edgeprune_export_then_cli_rewrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The product path: ``edgeprune export`` (onnxsim, decoder map in the metadata), then the CLI."""
+    from edgeprune.cli.main import main
+    from edgeprune.export import export_onnx
+
+    preset, layers, cfg, seed = "streampetr-r50-704x256", 2, TgGBCConfig(r=2000, n=1, k=100), 1
+    src, out = tmp_path / "decoder.onnx", tmp_path / "pruned.onnx"
+    export_onnx(decoder_model(preset, layers), src, exporter="torchscript", batch=2)
+    assert discover(onnx.load(str(src))).source == "metadata"
+    inputs, cls, box, margin = preset_oracle(preset, layers, 2, seed, cfg)
+    assert margin >= MIN_GAP, f"near tie in the reference selection (gap {margin:.1e}): choose another seed"
+    code = main(["rewrite", str(src), "-o", str(out), "--method", "tggbc", "--r", "2000", "--n", "1", "--k", "100",
+                 "--no-verify"])
+    assert code == 0, capsys.readouterr().err
+    assert_close(run(out, inputs), cls, box)
+
+
 # ---------------------------------------------------------------- handwritten decoder (auto-discovery)
 HAND_CONFIG = TgGBCConfig(r=30, n=2, k=0)          # 50 keys, 3 layers: drops [14, 16]; all queries
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -50,7 +50,7 @@ MIN_OPSET = 13                  # Squeeze/Unsqueeze/ReduceSum with axes as input
 METADATA_KEY = "edgeprune.tggbc"
 # = edgeprune.methods.tggbc.CLASS_REDUCTIONS (a test checks); repeated so --help needs no torch import
 CLASS_REDUCE_CHOICES = ("max", "mean", "min")
-_FLOAT, _FLOAT16, _BOOL = 1, 10, 9   # onnx.TensorProto element types
+_FLOAT, _BOOL = 1, 9   # onnx.TensorProto element types
 
 
 # --------------------------------------------------------------------------- plan
@@ -233,6 +233,9 @@ def _fused_probs(ed: _Editor, layer: DecoderLayer, plan: KeyPruningPlan) -> Any:
         raise PatternNotFoundError(f"layer {layer.index}: fused attention without its Q/K inputs; name the "
                                    "probabilities with --override layer.N.probs=TENSOR")
     fused = ed.node(layer.pv_node)
+    if fused.attrs.get("is_causal", 0) or fused.attrs.get("kv_num_heads", h) != h or fused.attrs.get("softcap", 0):
+        raise PatternNotFoundError(f"layer {layer.index}: the fused attention {fused.name} is causal, grouped-query "
+                                   "or soft-capped; tgGBC recomputes plain cross-attention only")
     q, k = fused.inputs[0], fused.inputs[1]                                     # current (maybe gathered) K
     q, k = ed.as_float(q, p.fused_qk[0]), ed.as_float(k, p.fused_qk[1])
     rank = ed.rank(p.fused_qk[0])
@@ -262,6 +265,9 @@ def _fused_mask_bias(ed: _Editor, fused: Any, mask: MaskInput, batch: int) -> An
     tensor = fused.inputs[mask.input_index]
     elem = ed.info.get(mask.tensor, (_FLOAT, ()))[0]
     if fused.op == "MultiHeadAttention" and mask.input_index == 4:             # key_padding_mask [B, Nk], 1 = keep
+        if ed.rank(mask.tensor) != 2:
+            raise PatternNotFoundError(f"{fused.name}: key_padding_mask {mask.tensor} is not [B, Nk]; tgGBC reads "
+                                       "only that form of MultiHeadAttention's mask")
         fill = float(fused.attrs.get("mask_filter_value", -10000.0))
         blocked = ed.op("Equal", [tensor, ed.const("zero", np.zeros((), dtype=np.int32))], "blocked")
         bias = ed.op("Where", [blocked, ed.const("fill", np.float32(fill)), ed.const("zero", np.float32(0))], "bias")
