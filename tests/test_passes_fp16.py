@@ -8,6 +8,7 @@ keep fp32 inputs/outputs, and leave no Cast -> Cast round trip.
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 from pathlib import Path
 from typing import Dict, List
@@ -122,11 +123,14 @@ def test_preset_decoder_within_tolerance_through_rewrite(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------- rewritten decoders
-def test_tggbc_subgraph_stays_fp32_and_keeps_the_same_keys(tmp_path: Path) -> None:
+def test_tggbc_subgraph_stays_fp32_and_keeps_the_same_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = exported_decoder(PRESET, "dynamo", 2, LAYERS)
     cfg = TgGBCConfig(r=3000, n=2, k=0)                              # drops [1500, 1500, 0]
     rewrite(src, tmp_path / "p32.onnx", [KeyPruningPass(cfg)], verify=False)
-    rewrite(src, tmp_path / "p16.onnx", [KeyPruningPass(cfg)], precision="fp16", verify=False)
+    with caplog.at_level(logging.INFO, logger="edgeprune.passes.fp16"):
+        rewrite(src, tmp_path / "p16.onnx", [KeyPruningPass(cfg)], precision="fp16", verify=False)
+    reported = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fp16 vs fp32 graph")]
+    assert len(reported) == 2                                       # the deviation of each output is reported
     p32, p16 = onnx.load(str(tmp_path / "p32.onnx")), onnx.load(str(tmp_path / "p16.onnx"))
     assert_fp16_model(p16)
     types = float_types(p16)

@@ -283,12 +283,62 @@ def output_deviation(reference: Mapping[str, Any], candidate: Mapping[str, Any])
     return tuple(out)
 
 
+def measure_deviation(reference: Any, converted: Any, seed: int = 0) -> tuple[OutputDeviation, ...]:
+    """Run both models (ModelProtos, same inputs) on ORT CPU; deviation of each output.
+
+    Inputs are the driver's verification inputs (``verify.random_inputs``: floats ~ N(0, 1)).
+    """
+    from edgeprune.passes.verify import random_inputs
+
+    sessions = [_cpu_session(m) for m in (reference, converted)]
+    feeds = random_inputs(sessions[0], seed)
+    outputs = []
+    for session in sessions:
+        names = [o.name for o in session.get_outputs()]
+        outputs.append(dict(zip(names, session.run(names, feeds))))
+    return output_deviation(outputs[0], outputs[1])
+
+
+def _cpu_session(model: Any) -> Any:
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+_MEASURE_LIMIT = 1_500_000_000     # bytes of weights: larger models cannot be serialized in memory
+
+
 class Fp16Pass(BasePass):
-    """``--precision fp16``: :func:`convert_fp16` after every method pass (or alone with ``--method none``)."""
+    """``--precision fp16``: :func:`convert_fp16` after every method pass (or alone with ``--method none``).
+
+    With ``measure`` (the CLI's default, off with ``--no-verify``) it logs the deviation of the
+    fp16 graph from the fp32 graph it converted: after a method pass that is the fp16 error
+    alone, whereas the driver's verification compares against the unpruned input model.
+    """
 
     name = "fp16"
     help = ("float16 weights and activations; tgGBC/ToMe scoring, Softmax and the converter's "
             "sensitive ops stay fp32; inputs and outputs stay fp32")
 
+    def __init__(self, measure: bool = True) -> None:
+        self.measure = measure
+
+    @classmethod
+    def from_args(cls, args: Any) -> "Fp16Pass":
+        return cls(measure=not getattr(args, "no_verify", False))
+
     def apply(self, model: Any, structure: Any) -> Any:
-        return convert_fp16(model)
+        converted = convert_fp16(model)
+        if not self.measure:
+            return converted
+        if sum(len(t.raw_data) for t in model.graph.initializer) > _MEASURE_LIMIT:
+            log.info("fp16: model too large to compare in memory; see the verification below")
+            return converted
+        for deviation in measure_deviation(model, converted):
+            log.info("fp16 vs fp32 graph (random inputs): %s", deviation.summary())
+        return converted
+
+    def __repr__(self) -> str:
+        return f"Fp16Pass(measure={self.measure})"
