@@ -126,7 +126,7 @@ def _feeds() -> dict:
 def test_registry_lists_methods_and_fails_clearly_on_unknown_names() -> None:
     assert "none" in registry.method_names() and registry.get_method("none") is IdentityPass
     assert registry.precision_names()[0] == "fp32" and registry.get_precision("fp32") is None
-    with pytest.raises(ParameterError, match="unknown method 'nope'; available: none"):
+    with pytest.raises(ParameterError, match="unknown method .nope.; available: .*none"):
         registry.get_method("nope")
     with pytest.raises(ParameterError, match="unknown precision 'fp8'"):
         registry.get_precision("fp8")

@@ -32,9 +32,10 @@ from edgeprune.errors import InternalError, ParameterError
 
 # --method NAME -> "module:Class". Order is the order shown in --help.
 METHODS: Dict[str, str] = {
-    "none": "edgeprune.passes.registry:IdentityPass",
+    "tggbc": "edgeprune.passes.tggbc:KeyPruningPass",
     "gpq": "edgeprune.passes.gpq:QueryPruningPass",
     "tome": "edgeprune.passes.tome:TokenMergingPass",
+    "none": "edgeprune.passes.registry:IdentityPass",
 }
 # --precision NAME -> "module:Class" (fp32 is the absence of a conversion). Precision passes
 # must also be constructible without arguments (``rewrite(..., precision="fp16")``).
