@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from edgeprune import _lazy
-from edgeprune.errors import InvalidModelError, PatternNotFoundError
+from edgeprune.errors import PatternNotFoundError
 
 log = logging.getLogger(__name__)
 
