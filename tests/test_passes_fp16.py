@@ -11,7 +11,7 @@ import functools
 import logging
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import onnx
@@ -64,7 +64,7 @@ def feeds(model: onnx.ModelProto, seed: int = 0) -> Dict[str, np.ndarray]:
     return out
 
 
-def run(model: onnx.ModelProto, inputs: Dict[str, np.ndarray], extra: List[str] = ()) -> Dict[str, np.ndarray]:
+def run(model: onnx.ModelProto, inputs: Dict[str, np.ndarray], extra: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     """Outputs by name (plus ``extra`` intermediate tensors exposed as outputs)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in extra)
