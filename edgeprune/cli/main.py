@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+                        format="%(message)s", stream=sys.stderr, force=True)
     if args.command is None:
         parser.print_help()
         return 2
