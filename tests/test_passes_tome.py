@@ -162,7 +162,8 @@ def test_masked_keys_are_refused_without_output(tmp_path: Path) -> None:
     (["--r", "4224", "--n", "2"], "smaller than the number of keys"),
     (["--r", "100", "--n", "4"], "exceeds the number of decoder layers"),
     (["--n", "2"], "needs --r"),
-], ids=["half", "all-keys", "layers", "no-r"])
+    (["--r", "100", "--k", "5"], "--k is a tgGBC option"),
+], ids=["half", "all-keys", "layers", "no-r", "k"])
 def test_cli_rejects_bad_parameters(argv: List[str], message: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tome.onnx"
