@@ -7,11 +7,12 @@ memory, key position and key padding mask with :func:`gather_keys`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from edgeprune.errors import ParameterError
+
+if TYPE_CHECKING:                      # torch is imported where tensors are used, so the
+    from torch import Tensor           # config and schedule serve torch-free rewrite installs
 
 CLASS_REDUCTIONS = ("max", "mean", "min")
 
@@ -85,6 +86,8 @@ def key_importance(logits: Tensor, attn: Tensor, k: int = 0, *, use_class_score:
     logits [B, Nq, C]; attn [B, Nq, Nk] (head-averaged softmax probs) -> S [B, Nk].
     Queries are chosen by ``c`` even when ``use_class_score`` is off (then c_i = 1 in the sum).
     """
+    import torch
+
     conf = query_confidence(logits, class_reduce)                        # [B, Nq]
     weight = conf if use_class_score else torch.ones_like(conf)
     if k > 0:
