@@ -308,15 +308,15 @@ def test_bad_indices_are_user_errors(kept: list[int], message: str) -> None:
 
 
 @pytest.fixture
-def cli_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, PETRHead]:
-    """A small StreamPETR-like head exported to ``tmp_path/in.onnx``; ``gpq`` registered for the CLI."""
-    monkeypatch.setitem(registry.METHODS, "gpq", "edgeprune.passes.gpq:QueryPruningPass")
+def cli_model(tmp_path: Path) -> tuple[Path, PETRHead]:
+    """A small StreamPETR-like head exported to ``tmp_path/in.onnx``."""
+    assert registry.METHODS["gpq"] == "edgeprune.passes.gpq:QueryPruningPass"
     onnx.save(small_export(True, 2), str(tmp_path / "in.onnx"))
     return tmp_path / "in.onnx", small_head(True)
 
 
 def test_cli_keep_indices_and_one_shot(cli_model: tuple[Path, PETRHead], tmp_path: Path,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     src, head = cli_model
     gpq.save_keep_indices(tmp_path / "kept.npy", [1, 2, 3, 10, 21, 27])
     assert main(["rewrite", str(src), "-o", str(tmp_path / "a.onnx"), "--method", "gpq",
@@ -326,10 +326,10 @@ def test_cli_keep_indices_and_one_shot(cli_model: tuple[Path, PETRHead], tmp_pat
     assert dims["prev_query"] == [2, 2, 32] and dims["prev_ref"] == [2, 2, 3]
     x = head.example_inputs(batch=2)
     np.savez(tmp_path / "calib.npz", **{k: v.numpy() for k, v in x.items()})
-    with caplog.at_level("WARNING"):
-        assert main(["rewrite", str(src), "-o", str(tmp_path / "b.onnx"), "--method", "gpq", "--keep-queries", "22",
-                     "--calib", str(tmp_path / "calib.npz")]) == 0
-    assert gpq_methods.ONE_SHOT_WARNING in caplog.text
+    capsys.readouterr()
+    assert main(["rewrite", str(src), "-o", str(tmp_path / "b.onnx"), "--method", "gpq", "--keep-queries", "22",
+                 "--calib", str(tmp_path / "calib.npz")]) == 0
+    assert gpq_methods.ONE_SHOT_WARNING in capsys.readouterr().err
     out_dims = [d.dim_value for d in onnx.load(str(tmp_path / "b.onnx")).graph.output[0].type.tensor_type.shape.dim]
     assert out_dims == [2, 2, 22, 10]
 

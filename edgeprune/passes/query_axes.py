@@ -156,10 +156,7 @@ class GraphFacts:
     constants: dict[str, np.ndarray]             # initializers and Constant-node outputs
     producers: dict[str, Any] = field(default_factory=dict)
     consumers: dict[str, list[tuple[Any, int]]] = field(default_factory=dict)
-
-    @property
-    def nodes(self) -> list[Any]:
-        return list(self.model.graph.node)
+    nodes: list[Any] = field(default_factory=list)   # graph order
 
     def shape(self, name: str) -> Shape:
         try:
@@ -201,7 +198,7 @@ def _index_facts(inferred: Any) -> GraphFacts:
         if dims is not None:
             shapes[vi.name] = dims
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    facts = GraphFacts(inferred, shapes, constants)
+    facts = GraphFacts(inferred, shapes, constants, nodes=list(graph.node))
     for name, value in constants.items():
         shapes[name] = tuple(value.shape)
     for node in graph.node:
@@ -218,29 +215,29 @@ def _index_facts(inferred: Any) -> GraphFacts:
     return facts
 
 
+_SHAPE_DRIVEN = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1, "Reshape": 1}   # op -> shape operand index
+
+
 def _fill_shape(node: Any, facts: GraphFacts, values: "ShapeValues") -> Shape | None:
     """Static output shape of shape-driven ops whose shape operand ONNX inference could not fold."""
-    ishape = facts.shapes.get(node.input[0]) if node.input else None
-    operand = values.value(node.input[0 if node.op_type == "ConstantOfShape" else 1]) \
-        if len(node.input) > (0 if node.op_type == "ConstantOfShape" else 1) else None
-    if operand is None or (ishape is None and node.op_type != "ConstantOfShape"):
+    index = _SHAPE_DRIVEN[node.op_type]
+    operand = values.value(node.input[index]) if len(node.input) > index and node.input[index] else None
+    ishape = facts.shapes.get(node.input[0]) if index else ()
+    if operand is None or ishape is None:
         return None
     target = [int(v) for v in operand.reshape(-1)]
     if node.op_type == "ConstantOfShape":
         return tuple(target)
-    assert ishape is not None
     if node.op_type == "Expand":
         return tuple(int(d) for d in np.broadcast_shapes(ishape, tuple(target)))
     if node.op_type == "Tile":
         return tuple(d * r for d, r in zip(ishape, target))
-    if node.op_type == "Reshape":
-        if not attr(node, "allowzero", 0):
-            target = [ishape[i] if v == 0 else v for i, v in enumerate(target)]
-        if -1 in target:
-            known = int(np.prod([v for v in target if v != -1], dtype=np.int64))
-            target[target.index(-1)] = int(np.prod(ishape, dtype=np.int64)) // max(known, 1)
-        return tuple(target)
-    return None
+    if not attr(node, "allowzero", 0):
+        target = [ishape[i] if v == 0 else v for i, v in enumerate(target)]
+    if -1 in target:
+        known = int(np.prod([v for v in target if v != -1], dtype=np.int64))
+        target[target.index(-1)] = int(np.prod(ishape, dtype=np.int64)) // max(known, 1)
+    return tuple(target)
 
 
 def graph_facts(model: Any, max_rounds: int = 16) -> GraphFacts:
@@ -256,33 +253,34 @@ def graph_facts(model: Any, max_rounds: int = 16) -> GraphFacts:
     for _ in range(max_rounds):
         facts = _index_facts(onnx.shape_inference.infer_shapes(work, data_prop=True))
         values = ShapeValues(facts)
-        fills = {out: shape for node in facts.nodes if node.op_type in ("Expand", "Tile", "Reshape", "ConstantOfShape")
-                 for out in node.output[:1] if out not in facts.shapes
-                 for shape in [_fill_shape(node, facts, values)] if shape is not None}
+        fills = {}
+        for node in facts.nodes:
+            if node.op_type in _SHAPE_DRIVEN and node.output[0] not in facts.shapes:
+                shape, elem = _fill_shape(node, facts, values), _elem_type(facts, node)
+                if shape is not None and elem is not None:
+                    fills[node.output[0]] = onnx.helper.make_tensor_value_info(node.output[0], elem, list(shape))
         if not fills:
             return facts
         kept_vi = [vi for vi in work.graph.value_info if vi.name not in fills]
         del work.graph.value_info[:]
-        work.graph.value_info.extend(kept_vi)
-        for name, shape in fills.items():
-            elem = _elem_type(facts, name)
-            work.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, list(shape)))
+        work.graph.value_info.extend(kept_vi + list(fills.values()))
     return facts
 
 
-def _elem_type(facts: GraphFacts, name: str) -> int:
-    for vi in facts.model.graph.value_info:
-        if vi.name == name and vi.type.tensor_type.elem_type:
-            return int(vi.type.tensor_type.elem_type)
-    node = facts.producers[name]
+def _elem_type(facts: GraphFacts, node: Any) -> int | None:
+    """Element type of a shape-driven op's output: its value attribute's, or its data input's."""
+    onnx = _lazy.require("onnx")
+    if node.op_type == "ConstantOfShape":
+        value = attr(node, "value")
+        return int(value.data_type) if value is not None else onnx.TensorProto.FLOAT
     src = node.input[0]
-    for vi in list(facts.model.graph.value_info) + list(facts.model.graph.input):
-        if vi.name == src:
-            return int(vi.type.tensor_type.elem_type)
     if src in facts.constants:
-        onnx = _lazy.require("onnx")
         return int(onnx.helper.np_dtype_to_tensor_dtype(facts.constants[src].dtype))
-    return 1
+    graph = facts.model.graph
+    for vi in list(graph.value_info) + list(graph.input):
+        if vi.name == src and vi.type.tensor_type.elem_type:
+            return int(vi.type.tensor_type.elem_type)
+    return None
 
 
 def attr(node: Any, name: str, default: Any = None) -> Any:
@@ -494,6 +492,7 @@ class _Propagation:
         self.labels: dict[str, list[AxisLabel | None]] = {}
         self.changed = False
         self.guess_concat = False
+        self.outputs = {o.name for o in facts.model.graph.output}
 
     def get(self, name: str, axis: int) -> AxisLabel | None:
         labels = self.labels.get(name)
@@ -537,22 +536,27 @@ class _Propagation:
             self._fixpoint(nodes)
             self.guess_concat, self.changed = True, False
             for node in nodes:
-                if node.op_type == "Concat":
+                if node.op_type == "Concat" and self._has_shapes(node):
                     _rule_concat(self, node)
             self.guess_concat = False
             if not self.changed:
                 return
 
     def _fixpoint(self, nodes: list[Any]) -> None:
+        nodes = [n for n in nodes if n.op_type in _RULES and self._has_shapes(n)]
         for _ in range(10_000):
             self.changed = False
             for node in nodes + nodes[::-1]:
-                rule = _RULES.get(node.op_type)
-                if rule is not None:
-                    rule(self, node)
+                _RULES[node.op_type](self, node)
             if not self.changed:
                 return
         raise QueryAxisError("query-axis propagation did not converge")
+
+    def _has_shapes(self, node: Any) -> bool:
+        """Nodes with a tensor of unknown shape are skipped (the final checks catch a missed query axis)."""
+        used = [n for n in node.input if n] + [n for i, n in enumerate(node.output)
+                                               if n and (i == 0 or n in self.facts.consumers or n in self.outputs)]
+        return all(n in self.facts.shapes for n in used)
 
 
 def _rank(p: _Propagation, name: str) -> int:
