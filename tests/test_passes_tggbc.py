@@ -176,6 +176,30 @@ def test_edgeprune_export_then_cli_rewrite(tmp_path: Path, capsys: pytest.Captur
     assert_close(run(out, inputs), cls, box)
 
 
+def test_whole_model_images_to_detections(tmp_path: Path) -> None:
+    """Scope "full": the keys come from the backbone and position encoder inside the graph."""
+    import dataclasses
+
+    from edgeprune.models.build import build_model
+    from edgeprune.models.config import DecoderConfig
+    from edgeprune.models.presets import get_preset
+
+    tiny = dataclasses.replace(get_preset("focalpetr-r18-704x256"), name="tiny-r18", image_size=(96, 64),
+                               decoder=DecoderConfig(num_queries=60, ffn_dims=256))        # 144 keys
+    model, cfg = build_model(tiny, "full", seed=0, num_layers=3), TgGBCConfig(r=80, n=2, k=0)
+    inputs = model.example_inputs(batch=2, seed=0)
+    with torch.no_grad():
+        ref = model.run(**inputs, pruning=cfg)
+    assert selection_margin(ref.layer_logits, ref.cross_attn_probs, cfg) >= MIN_GAP
+    src = tmp_path / "full.onnx"
+    torch.onnx.export(model, tuple(inputs.values()), str(src), dynamo=False, opset_version=17,
+                      input_names=list(inputs), output_names=["all_cls_scores", "all_bbox_preds"])
+    out = pruned(src, tmp_path / "pruned.onnx", cfg)
+    assert [layer.num_keys for layer in discover(out).layers] == [144, 104, 64]
+    assert_close(run(tmp_path / "pruned.onnx", {k: v.numpy() for k, v in inputs.items()}),
+                 ref.all_cls_scores.numpy(), ref.all_bbox_preds.numpy())
+
+
 # ---------------------------------------------------------------- handwritten decoder (auto-discovery)
 HAND_CONFIG = TgGBCConfig(r=30, n=2, k=0)          # 50 keys, 3 layers: drops [14, 16]; all queries
 

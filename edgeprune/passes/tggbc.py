@@ -526,7 +526,7 @@ def _key_cone(entries: Sequence[Any], stops: FrozenSet[str]) -> List[Any]:
     return cone
 
 
-def _retarget_shapes(ed: _Editor, nodes: Sequence[Any], old: int, new: int, batch: int) -> int:
+def _retarget_shapes(ed: _Editor, nodes: Sequence[Any], old: int, new: int, batch: int, scope: str) -> int:
     """Static shape constants with ``old`` keys (or ``batch * old``) -> ``new``; returns how many changed."""
     changed = 0
     for node in nodes:
@@ -544,7 +544,7 @@ def _retarget_shapes(ed: _Editor, nodes: Sequence[Any], old: int, new: int, batc
         patched = np.where(value == old, new, value)
         if batch > 1:
             patched = np.where(value == old * batch, new * batch, patched)
-        node.inputs[idx] = ed.gs.Constant(f"{PREFIX}shape/{node.name}", patched.astype(np.int64))
+        node.inputs[idx] = ed.gs.Constant(f"{scope}{node.name}", patched.astype(np.int64))
         changed += 1
     return changed
 
@@ -570,7 +570,8 @@ def _prune_stage(ed: _Editor, rewirer: _Rewirer, structure: DecoderStructure, pl
         entries += rewirer.layer(layer, stage)
     stops = frozenset(layer.pv_node for layer in layers)
     keys = plan.keys_per_layer[layers[0].index]
-    changed = _retarget_shapes(ed, _key_cone(entries, stops), structure.num_keys, keys, plan.batch)
+    scope = f"{PREFIX}l{plan.steps[stage - 1].layer}/shape/"
+    changed = _retarget_shapes(ed, _key_cone(entries, stops), structure.num_keys, keys, plan.batch, scope)
     log.debug("tgGBC stage %d: layers %s read %d keys; %d shape constants retargeted",
               stage, [layer.index for layer in layers], keys, changed)
 
