@@ -111,7 +111,7 @@ def markdown(report: Any, facts: dict[str, Any], args: argparse.Namespace) -> st
     from edgeprune.runners.report import format_environment
 
     speedups = {s.name: s for s in report.speedups}
-    level = min(m.stats.ci_level for m in report.models)
+    level = min(0.95, min(m.stats.ci_level for m in report.models))
     lines = [f"# GPQ query shrinking: {args.preset}, decoder, batch {args.batch}, fp32", "",
              f"{facts['num_layers']} decoder layer(s), {facts['num_keys']} keys, {args.exporter} export; "
              f"{format_environment(report)}", "",

@@ -185,7 +185,7 @@ def test_preset_matches_torch_on_one_shot_kept_queries(preset: str, exporter: st
 SMALL = dict(num_layers=2, embed_dims=32, num_heads=4, ffn_dims=64)
 
 
-def small_head(temporal: bool, **changes: int) -> PETRHead:
+def small_head(temporal: bool, **changes: Any) -> PETRHead:
     """28 queries (StreamPETR-like: 20 learned + 8 propagated, 6 temporal tokens), 60 keys; seeded."""
     torch.manual_seed(3)
     extra = dict(num_queries=20, num_propagated=8, memory_len=14) if temporal else dict(num_queries=28)
@@ -227,6 +227,22 @@ def test_small_head_equals_selected_head_after_full_pruner_run(temporal: bool, t
     for got, want in ((cls, small.all_cls_scores), (box, small.all_bbox_preds),
                       (cls, restricted.all_cls_scores), (box, restricted.all_bbox_preds)):
         np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_multihead_attention_layouts(exporter: str, tmp_path: Path) -> None:
+    """nn.MultiheadAttention exports fold queries with batch and heads ([Nq, B*h, d], [Nq*B, E])."""
+    head = small_head(True, attention="torch")
+    x = head.example_inputs(batch=2)
+    before = export_head(head, x, tmp_path / "mha.onnx", exporter)
+    kept = [0, 2, 3, 7, 11, 19, 22, 26]
+    after, report = gpq.shrink_queries(before, kept)
+    assert_shrunk(before, after, [28, 20], 8)
+    cls, box = run_shrunk(after, report, x)
+    with torch.no_grad():
+        want = head(**x, query_indices=kept)
+    np.testing.assert_allclose(cls, want.all_cls_scores.numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(box, want.all_bbox_preds.numpy(), rtol=0, atol=ATOL)
 
 
 def test_equal_dimensions_are_told_apart_structurally(tmp_path: Path) -> None:
