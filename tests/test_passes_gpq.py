@@ -245,13 +245,18 @@ def test_multihead_attention_layouts(exporter: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(box, want.all_bbox_preds.numpy(), rtol=0, atol=ATOL)
 
 
-def test_equal_dimensions_are_told_apart_structurally(tmp_path: Path) -> None:
-    """Queries = embed width = keys = 32 and batch 2: a number-matching rewrite would be ambiguous."""
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_equal_dimensions_are_told_apart_structurally(exporter: str, tmp_path: Path) -> None:
+    """Queries = embed width = keys = 32 and batch 2: a number-matching rewrite would be ambiguous.
+
+    The dynamo export shares one [2, 32, 4, 8] reshape constant between query and key paths:
+    the query users get their own rewritten copy, the key users keep the original."""
     head = small_head(False, num_queries=32)
     x = head.example_inputs(batch=2, num_keys=32)
-    before = export_head(head, x, tmp_path / "eq.onnx")
+    before = export_head(head, x, tmp_path / "eq.onnx", exporter)
     kept = list(range(1, 32, 2))
     after, report = gpq.shrink_queries(before, kept)
+    assert (report.shape_copies > 0) == (exporter == "dynamo")
     shapes = all_dims(after)
     assert shapes["memory"] == (2, 32, 32) and shapes["all_cls_scores"] == (2, 2, 16, 10)
     cls, box = run_shrunk(after, report, x)
