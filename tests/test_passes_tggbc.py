@@ -429,8 +429,13 @@ def test_tensorrt_refuses_more_top_queries_than_topk_allows() -> None:
     assert tggbc_pass.plan_key_pruning(synthetic_structure(queries=5000), TgGBCConfig(r=10, k=4000)).steps
 
 
-def test_cli_choices_match_the_reference() -> None:
-    assert tggbc_pass.CLASS_REDUCE_CHOICES == tggbc.CLASS_REDUCTIONS
+def test_pass_module_imports_without_torch() -> None:
+    """The CLI imports pass modules to build its parser; a board's rewrite install has no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys; import edgeprune.passes.tggbc; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 
 # ---------------------------------------------------------------- command line

@@ -30,17 +30,15 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ParameterError, PatternNotFoundError
+from edgeprune.methods.tggbc import CLASS_REDUCTIONS, TgGBCConfig, schedule     # torch-free: config and schedule
 from edgeprune.passes.registry import BasePass
 from edgeprune.passes.structure import DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
-
-if TYPE_CHECKING:     # the config lives with the torch oracle; imported lazily so the CLI stays light
-    from edgeprune.methods.tggbc import TgGBCConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +46,6 @@ PREFIX = "tggbc/"
 TENSORRT_TOPK_LIMIT = 3840      # TensorRT's documented maximum K of ITopKLayer
 MIN_OPSET = 13                  # Squeeze/Unsqueeze/ReduceSum with axes as inputs, GatherND batch_dims
 METADATA_KEY = "edgeprune.tggbc"
-# = edgeprune.methods.tggbc.CLASS_REDUCTIONS (a test checks); repeated so --help needs no torch import
-CLASS_REDUCE_CHOICES = ("max", "mean", "min")
 _FLOAT, _BOOL = 1, 9   # onnx.TensorProto element types
 
 
@@ -97,8 +93,6 @@ def plan_key_pruning(structure: DecoderStructure, config: TgGBCConfig, tensorrt:
 
     A schedule entry on the last layer prunes nothing that is read later, so it adds no step.
     """
-    from edgeprune.methods.tggbc import schedule
-
     config.validate(structure.num_keys, structure.num_layers, structure.num_queries)
     if tensorrt and config.k > TENSORRT_TOPK_LIMIT:
         raise ParameterError(f"--tensorrt: k={config.k} top queries exceeds TensorRT's TopK limit of "
@@ -644,15 +638,13 @@ class KeyPruningPass(BasePass):
                            help="tgGBC: queries with the highest class score used for importance (0 = all, default)")
         group.add_argument("--no-class-score", dest="no_class_score", action="store_true",
                            help="tgGBC ablation: importance from attention alone (queries still chosen by score)")
-        group.add_argument("--class-reduce", dest="class_reduce", choices=CLASS_REDUCE_CHOICES, default=None,
+        group.add_argument("--class-reduce", dest="class_reduce", choices=CLASS_REDUCTIONS, default=None,
                            help="tgGBC ablation: reduce class logits by max (default), mean or min")
         group.add_argument("--tensorrt", dest="tensorrt", action="store_true",
                            help="target TensorRT: keep every TopK within its K <= 3840 limit")
 
     @classmethod
     def from_args(cls, args: Any) -> "KeyPruningPass":
-        from edgeprune.methods.tggbc import TgGBCConfig
-
         r = getattr(args, "r", None)
         if r is None:
             raise ParameterError("--method tggbc needs --r R (keys pruned in total), e.g. --r 21000 --n 2 --k 175")
