@@ -28,8 +28,8 @@ class DemoOptions:
     k: int = 900
     keep_queries: int = 300
     fp16: bool = True
-    warmup: int = 2
-    repeats: int = 10
+    warmup: int = 3
+    repeats: int = 30
     threads: int | None = None
     seed: int = 0
 
@@ -73,12 +73,13 @@ def calibration_inputs(model: object, samples: int = 4, seed: int = 0) -> dict[s
     return {name: np.stack([d[name].numpy() for d in draws]) for name in draws[0]}
 
 
-def _rewrite(src: Path, dst: Path, name: str, how: str, passes: list, precision: str = "fp32") -> Artifact:
+def _rewrite(src: Path, dst: Path, name: str, how: str, passes: list, precision: str = "fp32",
+             src_name: str = "baseline") -> Artifact:
     from edgeprune.passes.driver import rewrite
 
     report = rewrite(src, dst, passes, precision=precision)
     drift = report.verification.max_abs if report.verification is not None else None
-    note = "outputs resized (not comparable)" if drift is None else f"drift max|d|={drift:.1e}"
+    note = "outputs resized (not comparable)" if drift is None else f"vs {src_name} max|d|={drift:.1e}"
     return Artifact(name, dst, how, _size(dst), note)
 
 
@@ -104,7 +105,8 @@ def _gpq(opts: DemoOptions, base: Path, model: object) -> Artifact:
 
 def _fp16(opts: DemoOptions, src: Artifact) -> Artifact:
     dst = src.path.with_name(src.path.stem + "_fp16.onnx")
-    return _rewrite(src.path, dst, src.name + "-fp16", src.how + ", fp16", [], precision="fp16")
+    return _rewrite(src.path, dst, src.name + "-fp16", src.how + ", fp16", [], precision="fp16",
+                    src_name=src.name)
 
 
 def build_models(opts: DemoOptions) -> list[Artifact]:
