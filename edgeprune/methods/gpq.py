@@ -15,16 +15,19 @@ Usage in any training loop::
         pruner.record(out.layer_logits[-1].detach())               # [B, Nq_kept, C]
         pruner.step()                                              # drops one every interval
     small_head = pruner.prune_model(model.head)
+    # for an exported graph: edgeprune.passes.gpq.save_keep_indices("kept.json", pruner.kept_indices)
+    # then: edgeprune rewrite d.onnx -o small.onnx --method gpq --keep-indices kept.json
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterable
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Iterable
 
 from edgeprune.errors import ParameterError
+
+if TYPE_CHECKING:                      # torch is imported where tensors are used, so one-shot
+    import torch                       # ranking of ONNX graphs works on torch-free installs
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class GPQPruner:
         """Call once per iteration after ``record``; returns the original index removed, if any."""
         if self.finished or len(self._record) < self.interval:
             return None
+        import torch
+
         mean = torch.stack(self._record).mean(dim=0)                             # [Nq_kept]
         victim = self._kept.pop(int(mean.argmin()))
         self.removed.append(victim)
@@ -84,7 +89,7 @@ class GPQPruner:
         log.debug("GPQ removed query %d (%d left)", victim, len(self._kept))
         return victim
 
-    def prune_model(self, head: torch.nn.Module) -> torch.nn.Module:
+    def prune_model(self, head: "torch.nn.Module") -> "torch.nn.Module":
         """A smaller head with only the kept queries (``PETRHead.select_queries``)."""
         return head.select_queries(self._kept)  # type: ignore[operator]
 
@@ -94,6 +99,8 @@ def rank_queries_one_shot(batches: Iterable[Tensor], keep: int) -> list[int]:
 
     ``batches`` yields last-layer logits [B, Nq, C]. Quick experiments only (see warning).
     """
+    import torch
+
     log.warning(ONE_SHOT_WARNING)
     scores = [query_scores(b.detach().float()) for b in batches]
     if not scores:

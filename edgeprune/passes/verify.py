@@ -89,7 +89,7 @@ def session(path: str | os.PathLike) -> Any:
 
 
 def _concrete(shape: Any) -> Tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
+    return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in shape)   # a static 0 stays 0
 
 
 def random_inputs(sess: Any, seed: int = 0, given: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
