@@ -14,6 +14,8 @@ from edgeprune.errors import ParameterError
 if TYPE_CHECKING:                      # torch is imported where tensors are used, so the
     from torch import Tensor           # config and schedule serve torch-free rewrite installs
 
+    from edgeprune.models.decoder import LayerKeys
+
 CLASS_REDUCTIONS = ("max", "mean", "min")
 
 
@@ -48,6 +50,19 @@ class TgGBCConfig:
     @property
     def enabled(self) -> bool:
         return self.r > 0 and self.n > 0
+
+    # -- the head's KeyReduction protocol (edgeprune.models.decoder) --
+    def layer_schedule(self, num_keys: int, num_layers: int, num_queries: int) -> list[int]:
+        self.validate(num_keys, num_layers, num_queries)
+        return schedule(self.r, self.n, num_layers)
+
+    def reduce(self, keys: "LayerKeys", amount: int, layer: object, logits: "Tensor",
+               probs: "Tensor") -> "LayerKeys":
+        """Keep the ``Nk - amount`` most important keys; gather memory, key_pos and mask."""
+        keep = keep_indices(logits, probs, amount, self.k, use_class_score=self.use_class_score,
+                            class_reduce=self.class_reduce)                   # [B, Nk - amount]
+        return type(keys)(gather_keys(keys.memory, keep), gather_keys(keys.key_pos, keep),
+                          gather_keys(keys.mask, keep), gather_keys(keys.size, keep), keep=keep)
 
 
 def schedule(r: int, n: int, num_layers: int) -> list[int]:

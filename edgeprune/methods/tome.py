@@ -34,7 +34,7 @@ leak the padding into the average): :func:`forward_with_tome` refuses a key padd
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeprune._lazy import require
 from edgeprune.errors import ParameterError
@@ -42,7 +42,7 @@ from edgeprune.errors import ParameterError
 if TYPE_CHECKING:                     # torch is imported lazily: the ONNX pass uses ToMeConfig without it
     from torch import Tensor
 
-    from edgeprune.models.decoder import HeadOutput, PETRHead
+    from edgeprune.models.decoder import HeadOutput, LayerKeys, PETRHead
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,22 @@ class ToMeConfig:
     @property
     def enabled(self) -> bool:
         return self.r > 0 and self.n > 0
+
+    # -- the head's KeyReduction protocol (edgeprune.models.decoder) --
+    def layer_schedule(self, num_keys: int, num_layers: int, num_queries: int) -> list[int]:
+        return self.validate(num_keys, num_layers)
+
+    def reduce(self, keys: "LayerKeys", amount: int, layer: Any, logits: Tensor, probs: Tensor) -> "LayerKeys":
+        """Merge ``amount`` keys by bipartite soft matching on this layer's key projection."""
+        if keys.mask is not None:
+            raise ParameterError("ToMe cannot merge keys under a key padding mask; drop the mask or use tgGBC")
+        attn = layer.cross_attn
+        e = attn.in_proj_weight.shape[1]
+        metric = key_metric(keys.memory + keys.key_pos, attn.in_proj_weight[e:2 * e],
+                            attn.in_proj_bias[e:2 * e], attn.num_heads)        # [B, Nk, d]
+        size = keys.size if keys.size is not None else keys.memory.new_ones(*keys.memory.shape[:2], 1)
+        memory, key_pos, size = merge_keys(keys.memory, keys.key_pos, size, metric, amount)
+        return type(keys)(memory, key_pos, None, size, metric=metric)
 
     def validate(self, num_keys: int, num_layers: int) -> list[int]:
         """Return the per-layer merge counts, or raise ParameterError naming the bad layer."""
@@ -179,33 +195,10 @@ def forward_with_tome(head: "PETRHead", inputs: dict[str, Tensor], config: ToMeC
     """Run ``head`` (an edgeprune PETRHead) with ToMe merging between its layers.
 
     inputs: ``head.example_inputs()``-style dict (memory/key_pos [B, Nk, E] + temporal inputs).
-    Mirrors ``PETRHead.forward`` with the tgGBC gather replaced by a merge.
+    The head's own forward with this config as its key reduction, plus per-layer sizes.
     """
-    from edgeprune.models.decoder import HeadOutput, inverse_sigmoid, sine_embedding_3d
-
     if inputs.get("key_padding_mask") is not None:
         raise ParameterError("ToMe cannot merge keys under a key padding mask; drop the mask or use tgGBC")
-    memory, key_pos = inputs["memory"], inputs["key_pos"]
-    per_layer = config.validate(memory.shape[1], head.cfg.num_layers)
-    tgt, ref = head._initial_queries(memory.shape[0], inputs.get("prev_query"), inputs.get("prev_ref"), None)
-    query_pos = head.query_embedding(sine_embedding_3d(ref, head.cfg.embed_dims // 2))   # [B, Nq, E]
-    ref_logit = inverse_sigmoid(ref)
-    size = memory.new_ones(memory.shape[0], memory.shape[1], 1)                            # [B, Nk, 1]
-    temp_memory, temp_pos = inputs.get("temp_memory"), inputs.get("temp_pos")
-    logits_all, boxes_all, probs_all, sizes, metrics = [], [], [], [], []
-    for layer, r_l in zip(head.layers, per_layer):
-        sizes.append(size)
-        tgt, probs = layer(tgt, query_pos, memory, key_pos, temp_memory, temp_pos, None)
-        logits, boxes = head._predict(tgt, ref_logit)
-        if r_l > 0:
-            attn = layer.cross_attn
-            e = head.cfg.embed_dims
-            metric = key_metric(memory + key_pos, attn.in_proj_weight[e:2 * e], attn.in_proj_bias[e:2 * e],
-                                head.cfg.num_heads)                                        # [B, Nk, d]
-            metrics.append(metric)
-            memory, key_pos, size = merge_keys(memory, key_pos, size, metric, r_l)
-        logits_all.append(logits), boxes_all.append(boxes), probs_all.append(probs)
-    torch = require("torch")
-    out = HeadOutput(torch.stack(logits_all), torch.stack(boxes_all), probs_all, logits_all,
-                     [None] * len(logits_all))
-    return ToMeOutput(out, sizes, metrics)
+    out = head(**inputs, pruning=config)
+    sizes = [k.size if k.size is not None else k.memory.new_ones(*k.memory.shape[:2], 1) for k in out.layer_keys]
+    return ToMeOutput(out, sizes, [k.metric for k in out.layer_keys if k.metric is not None])

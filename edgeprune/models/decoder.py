@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from edgeprune.errors import ParameterError
-from edgeprune.methods import tggbc
 from edgeprune.models.attention import build_attention
 from edgeprune.models.config import DecoderConfig
 
@@ -71,6 +70,32 @@ class DecoderLayer(nn.Module):
         return tgt, probs
 
 
+@dataclass(frozen=True)
+class LayerKeys:
+    """The keys (image tokens) one decoder layer attends to, and how they were reduced."""
+
+    memory: Tensor                   # [B, Nk_l, E]
+    key_pos: Tensor                  # [B, Nk_l, E]
+    mask: Tensor | None = None       # [B, Nk_l] bool, True = ignore
+    size: Tensor | None = None       # [B, Nk_l, 1] original tokens each key stands for (merging)
+    keep: Tensor | None = None       # [B, Nk_l] indices into the previous layer's keys (pruning)
+    metric: Tensor | None = None     # [B, Nk_{l-1}, d] what a merge matched on (diagnostics)
+
+
+class KeyReduction(Protocol):
+    """How keys shrink between layers: tgGBC (``TgGBCConfig``) or ToMe (``ToMeConfig``).
+
+    ``layer_schedule`` validates and returns keys removed after each layer; ``reduce`` maps
+    layer ``l``'s keys to layer ``l+1``'s given that layer's module, class logits
+    [B, Nq, C] and cross-attention probs [B, h, Nq, Nk_l].
+    """
+
+    def layer_schedule(self, num_keys: int, num_layers: int, num_queries: int) -> list[int]: ...
+
+    def reduce(self, keys: LayerKeys, amount: int, layer: nn.Module, logits: Tensor,
+               probs: Tensor) -> LayerKeys: ...
+
+
 @dataclass
 class HeadOutput:
     """Everything one forward pass produces; the first two are the exported outputs."""
@@ -80,6 +105,7 @@ class HeadOutput:
     cross_attn_probs: list[Tensor]    # L x [B, h, Nq, Nk_l]
     layer_logits: list[Tensor]        # L x [B, Nq, C]
     keep_indices: list[Tensor | None]  # L x [B, Nk_{l+1}] indices into layer l's keys, or None
+    layer_keys: list[LayerKeys]       # L x the keys each layer attended to
 
 
 def _branch(e: int, out: int, norm: bool) -> nn.Sequential:
@@ -184,30 +210,26 @@ class PETRHead(nn.Module):
     def forward(self, memory: Tensor, key_pos: Tensor, prev_query: Tensor | None = None,
                 prev_ref: Tensor | None = None, temp_memory: Tensor | None = None,
                 temp_pos: Tensor | None = None, key_padding_mask: Tensor | None = None,
-                pruning: tggbc.TgGBCConfig | None = None,
+                pruning: KeyReduction | None = None,
                 query_indices: Sequence[int] | None = None) -> HeadOutput:
-        """memory/key_pos [B, Nk, E] (+ temporal inputs) -> HeadOutput; see module docstring."""
+        """memory/key_pos [B, Nk, E] (+ temporal inputs) -> HeadOutput; see module docstring.
+
+        ``pruning`` reduces keys between layers: ``TgGBCConfig`` (tgGBC) or ``ToMeConfig`` (ToMe).
+        """
         tgt, ref = self._initial_queries(memory.shape[0], prev_query, prev_ref, query_indices)
         query_pos = self.query_embedding(sine_embedding_3d(ref, self.cfg.embed_dims // 2))  # [B, Nq, E]
         ref_logit = inverse_sigmoid(ref)
-        drops = self._schedule(pruning, memory.shape[1], tgt.shape[1])
-        logits_all, boxes_all, probs_all, keeps = [], [], [], []
+        drops = (pruning.layer_schedule(memory.shape[1], self.cfg.num_layers, tgt.shape[1])
+                 if pruning is not None else [0] * self.cfg.num_layers)
+        keys = LayerKeys(memory, key_pos, key_padding_mask)
+        logits_all, boxes_all, probs_all, keeps, seen = [], [], [], [], []
         for layer, drop in zip(self.layers, drops):
-            tgt, probs = layer(tgt, query_pos, memory, key_pos, temp_memory, temp_pos, key_padding_mask)
+            tgt, probs = layer(tgt, query_pos, keys.memory, keys.key_pos, temp_memory, temp_pos, keys.mask)
             logits, boxes = self._predict(tgt, ref_logit)
-            keep = None
+            seen.append(keys)
             if drop > 0:
                 assert pruning is not None
-                keep = tggbc.keep_indices(logits, probs, drop, pruning.k,
-                                          use_class_score=pruning.use_class_score,
-                                          class_reduce=pruning.class_reduce)     # [B, Nk - drop]
-                memory, key_pos = tggbc.gather_keys(memory, keep), tggbc.gather_keys(key_pos, keep)
-                key_padding_mask = tggbc.gather_keys(key_padding_mask, keep)
-            logits_all.append(logits), boxes_all.append(boxes), probs_all.append(probs), keeps.append(keep)
-        return HeadOutput(torch.stack(logits_all), torch.stack(boxes_all), probs_all, logits_all, keeps)
-
-    def _schedule(self, pruning: tggbc.TgGBCConfig | None, num_keys: int, num_queries: int) -> list[int]:
-        if pruning is None:
-            return [0] * self.cfg.num_layers
-        pruning.validate(num_keys, self.cfg.num_layers, num_queries)
-        return tggbc.schedule(pruning.r, pruning.n, self.cfg.num_layers)
+                keys = pruning.reduce(keys, drop, layer, logits, probs)
+            keeps.append(keys.keep if drop > 0 else None)
+            logits_all.append(logits), boxes_all.append(boxes), probs_all.append(probs)
+        return HeadOutput(torch.stack(logits_all), torch.stack(boxes_all), probs_all, logits_all, keeps, seen)
