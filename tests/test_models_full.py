@@ -223,3 +223,10 @@ def test_torchscript_onnx_export_matches_torch(tmp_path, stream: torch.nn.Module
     for g, e in zip(got, expected):
         assert g.shape == tuple(e.shape)
         np.testing.assert_allclose(g, e.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_torch_free_backbone_list_matches_the_implemented_backbones() -> None:
+    from edgeprune.models.backbone import BACKBONES
+    from edgeprune.models.config import WHOLE_MODEL_BACKBONES
+
+    assert set(WHOLE_MODEL_BACKBONES) == set(BACKBONES)

@@ -54,23 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_presets() -> str:
     """The presets as a table (name, family, backbone, image size, keys, queries, full scope)."""
-    from edgeprune import _lazy
     from edgeprune.models.presets import list_presets
-    full_backbones: set[str] | None = None
-    if _lazy.available("torch"):
-        from edgeprune.models.backbone import BACKBONES
-        full_backbones = set(BACKBONES)
+
     header = ("preset", "family", "backbone", "image WxH", "keys", "queries", "full export")
     rows = []
     for p in list_presets():
         d = p.decoder
         queries = f"{d.num_queries}+{d.num_propagated}" if d.num_propagated else str(d.num_queries)
-        full = "?" if full_backbones is None else ("yes" if p.backbone in full_backbones else "no")
+        full = "yes" if p.supports_full_export else "no"
         rows.append((p.name, p.family, p.backbone, "x".join(map(str, p.image_size)), str(p.num_keys), queries, full))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    if full_backbones is None:
-        lines.append("(full export column needs torch installed)")
+    lines.append("full export: a backbone we implement (ResNet-18/50/101); other presets export with --scope decoder")
     return "\n".join(lines)
 
 

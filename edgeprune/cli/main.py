@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Sequence
@@ -96,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("error")
         print(f"edgeprune {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1 if not isinstance(exc, InternalError) else 3
+    except BrokenPipeError:                      # e.g. `edgeprune export --list-models | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"edgeprune {args.command}: interrupted", file=sys.stderr)
         return 130

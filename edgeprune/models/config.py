@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 ATTENTION_IMPLS = ("manual", "torch")
+# Backbones implemented for whole-model (--scope full) export; kept here, torch-free, so that
+# listing presets needs no torch. edgeprune.models.backbone.BACKBONES must match (tested).
+WHOLE_MODEL_BACKBONES = ("resnet18", "resnet50", "resnet101")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class ModelPreset:
         """Image tokens = cameras x H/16 x W/16."""
         fw, fh = self.feature_size
         return self.num_cameras * fw * fh
+
+    @property
+    def supports_full_export(self) -> bool:
+        return self.backbone in WHOLE_MODEL_BACKBONES
 
     def with_decoder(self, **changes: object) -> "ModelPreset":
         """A copy with some decoder fields changed (e.g. attention='torch', num_layers=2)."""
