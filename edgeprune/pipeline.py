@@ -23,6 +23,7 @@ class DemoOptions:
     model: str = "streampetr-r50-704x256"
     out_dir: Path = Path("edgeprune-demo")
     exporter: str = "torchscript"
+    layers: int | None = None     # decoder layers (None: the preset's 6); fewer for quick runs
     r: int = 2000
     n: int = 1
     k: int = 900
@@ -116,7 +117,7 @@ def build_models(opts: DemoOptions) -> list[Artifact]:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     from edgeprune.models.build import build_model
 
-    model = build_model(opts.model, "decoder", seed=opts.seed)
+    model = build_model(opts.model, "decoder", seed=opts.seed, num_layers=opts.layers)
     base = _export(opts, model)
     made = [base, _tggbc(opts, base.path)]
     if opts.keep_queries > 0:

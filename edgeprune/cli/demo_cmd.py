@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="streampetr-r50-704x256", help="preset (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("edgeprune-demo"), help="output directory")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's 6)")
     parser.add_argument("--r", type=int, default=2000, help="tgGBC: keys pruned in total (default: %(default)s)")
     parser.add_argument("--n", type=int, default=1, help="tgGBC: pruning layers (default: %(default)s)")
     parser.add_argument("--k", type=int, default=900, help="tgGBC: top queries for importance, 0 = all")
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgeprune.pipeline import DemoOptions, format_demo, run_demo
 
-    opts = DemoOptions(model=args.model, out_dir=args.out, exporter=args.exporter, r=args.r, n=args.n,
+    opts = DemoOptions(model=args.model, out_dir=args.out, exporter=args.exporter, layers=args.layers, r=args.r, n=args.n,
                        k=args.k, keep_queries=args.keep_queries, fp16=not args.no_fp16, warmup=args.warmup,
                        repeats=args.repeats, threads=args.threads, seed=args.seed)
     with progress_bar() as progress:
