@@ -35,6 +35,7 @@ from edgeprune.methods.tggbc import TgGBCConfig
 from edgeprune.passes import tggbc as tggbc_pass
 from edgeprune.passes.discovery import discover
 from edgeprune.passes.driver import rewrite
+from edgeprune.passes.graph_edit import GraphEditor, tensor_info
 from edgeprune.passes.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
 
 TOL = 1e-4          # acceptance: all_cls_scores and all_bbox_preds within 1e-4 of the torch reference
@@ -361,7 +362,7 @@ def test_tensorrt_peeling_selects_exactly_what_one_topk_selects() -> None:
     for tensorrt in (False, True):
         step = tggbc_pass.PruningStep(0, keys, keys - keep, tggbc_pass.topk_sizes(keep, tensorrt))
         graph = gs.Graph(inputs=[gs.Variable("scores", np.float32, (batch, keys))], opset=17)
-        ed = tggbc_pass._Editor(gs, graph, 17, {})
+        ed = GraphEditor(gs, graph, 17, {})
         kept = tggbc_pass._select_keys(ed, graph.inputs[0], step, batch)
         kept.dtype, kept.shape = np.int64, (batch, keep)
         graph.outputs = [kept]
@@ -489,7 +490,7 @@ def test_fused_multihead_attention_probabilities_match_the_op() -> None:
     layer = DecoderLayer(0, AttentionProbs(None, "fused", h, fused_qk=("q", "k"), fused_bias="bias"), (), (),
                          (MaskInput("kpm", "mha", 4, 1, 0),), "mha", None, nk)
     plan = tggbc_pass.KeyPruningPlan(TgGBCConfig(r=1), False, b, nq, (), (nk,))
-    ed = tggbc_pass._Editor(gs, gs.import_onnx(model), 17, tggbc_pass._tensor_info(model))
+    ed = GraphEditor(gs, gs.import_onnx(model), 17, tensor_info(model))
     per_head, heads = tggbc_pass._per_head_probs(ed, layer, plan, nk)
     assert heads == h
     per_head.dtype = np.float32
