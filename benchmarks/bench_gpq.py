@@ -16,7 +16,6 @@ indices) and ``.md`` (a table with medians, 95% CIs and speedups with CIs).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -26,9 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edgeprune.io import atomic_path                                     # noqa: E402
+import _common as c                                                     # puts the checkout on sys.path
 from edgeprune.passes.flops import DecoderSizes, decoder_flops          # noqa: E402
 
 log = logging.getLogger("bench_gpq")
@@ -47,8 +44,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop timing after S seconds")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=c.RESULTS, help="directory for the .json and .md results")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 1 warm-up, 5 rounds, 900 -> 300")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.warmup, args.repeats, args.keep = args.layers or 2, 1, min(args.repeats, 5), args.keep[:1]
+    return args
 
 
 def split_counts(keep: int, num_learned: int, num_propagated: int) -> tuple[int, int]:
@@ -107,14 +108,13 @@ def build_models(args: argparse.Namespace, tmp: Path) -> tuple[list[Path], dict[
     return paths, facts
 
 
-def markdown(report: Any, facts: dict[str, Any], args: argparse.Namespace) -> str:
-    from edgeprune.runners.report import format_environment
-
+def markdown(report: Any, facts: dict[str, Any], args: argparse.Namespace, machine: dict[str, Any]) -> str:
     speedups = {s.name: s for s in report.speedups}
     level = min(0.95, min(m.stats.ci_level for m in report.models))
     lines = [f"# GPQ query shrinking: {args.preset}, decoder, batch {args.batch}, fp32", "",
+             f"command: `{machine['command']}`", "", c.machine_line(machine), "",
              f"{facts['num_layers']} decoder layer(s), {facts['num_keys']} keys, {args.exporter} export; "
-             f"{format_environment(report)}", "",
+             "runs interleaved (rounds of one run per model, in the table's order)", "",
              f"| queries | kept (learned + propagated) | GFLOPs | FLOPs vs {facts['queries'][0]} | median ms | "
              f"{level:.0%} CI ms | speedup | speedup 95% CI | run time change |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -138,20 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edgeprune.runners.bench import BenchOptions, benchmark
     from edgeprune.runners.report import format_table
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    machine = dict(c.machine_facts(args.threads), command=c.command_line())
     with tempfile.TemporaryDirectory(prefix="bench-gpq-") as tmp:
         paths, facts = build_models(args, Path(tmp))
         options = BenchOptions(warmup=args.warmup, repeats=args.repeats, time_budget_s=args.time_budget,
                                threads=args.threads, seed=0)
         report = benchmark([str(p) for p in paths], options)
+        c.finish(machine)
     print(format_table(report))
-    stem = args.out / f"gpq_{args.preset}_b{args.batch}"
-    with atomic_path(stem.with_suffix(".json"), suffix=".json") as tmp_json:
-        tmp_json.write_text(json.dumps({"benchmark": report.to_dict(), "gpq": facts, "args": {
-            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, indent=1))
-    with atomic_path(stem.with_suffix(".md"), suffix=".md") as tmp_md:
-        tmp_md.write_text(markdown(report, facts, args))
-    print(f"wrote {stem}.json and {stem}.md")
+    result = {"benchmark": report.to_dict(), "gpq": facts, "machine": machine,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    stem = args.out / f"gpq_{args.preset}_b{args.batch}{'-quick' if args.quick else ''}"
+    c.write_results(stem, result, markdown(report, facts, args, machine))
     return 0
 
 
