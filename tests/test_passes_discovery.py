@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -32,7 +32,7 @@ def _ids(v: Sequence[Any]) -> str:
     return f"{v[0]}-{v[1]}-{'sim' if v[2] else 'raw'}"
 
 
-def run_with_outputs(model: Any, names: Sequence[str], feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def run_with_outputs(model: Any, names: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Values of graph tensors ``names`` (made graph outputs of a copy) on ``feeds``."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -77,11 +77,11 @@ def masked_rows(value: np.ndarray, key_axis: int) -> np.ndarray:
 
 
 def check_against_torch(model: Any, structure: DecoderStructure, module: hd.HandDecoder,
-                        inputs: Dict[str, Any]) -> None:
+                        inputs: dict[str, Any]) -> None:
     """Discovered tensors, computed by ORT, equal the module's intermediates (hooks)."""
     rec = hd.record(module, inputs)
     b = structure.batch
-    names: List[str] = []
+    names: list[str] = []
     for layer in structure.layers:
         names += [layer.probs.tensor, layer.logits]
         names += [p.tensor for p in layer.key_inputs + layer.value_inputs] + [m.tensor for m in layer.masks]
@@ -182,7 +182,7 @@ class GraphBuilder:
     def __init__(self, kind: str) -> None:
         self.kind, self.nodes, self.inits = kind, [], []
         self.rng = np.random.default_rng(0)
-        self.fused: List[dict] = []
+        self.fused: list[dict] = []
 
     def w(self, name: str, shape: Sequence[int]) -> str:
         self.inits.append(_init(name, shape, self.rng))
@@ -281,7 +281,7 @@ def _mask_shape(kind: str) -> tuple:
     return (B, 1, NQ, NK) if kind == "attention23" else (B, 1, 1, NK)
 
 
-def _feeds(kind: str) -> Dict[str, np.ndarray]:
+def _feeds(kind: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     feeds = {n: rng.standard_normal(s).astype(np.float32)
              for n, s in (("tgt", (B, NQ, E)), ("memory", (B, NK, E)), ("key_pos", (B, NK, E)))}

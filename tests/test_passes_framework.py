@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, FrozenSet, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import onnx
@@ -46,7 +46,7 @@ class DoubleLogitsPass(BasePass):
 
     name = "double"
     help = "test: double the class logits"
-    requires: ClassVar[FrozenSet[str]] = frozenset({"logits"})
+    requires: ClassVar[frozenset[str]] = frozenset({"logits"})
 
     def apply(self, model: Any, structure: Any) -> Any:
         graph = model.graph
@@ -78,7 +78,7 @@ class BrokenPass(BasePass):
 class MustNotRunPass(BasePass):
     name = "needs-everything"
     help = "test: requires logits"
-    requires: ClassVar[FrozenSet[str]] = frozenset({"probs", "logits"})
+    requires: ClassVar[frozenset[str]] = frozenset({"probs", "logits"})
 
     def apply(self, model: Any, structure: Any) -> Any:
         raise AssertionError("apply ran although a required part is missing")

@@ -17,7 +17,7 @@ import collections
 import functools
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -43,7 +43,7 @@ MIN_GAP = 1e-5      # relative separation required at every selection boundary (
 
 
 # ---------------------------------------------------------------- helpers
-def peaked_inputs(model: Any, batch: int, seed: int) -> Dict[str, Tensor]:
+def peaked_inputs(model: Any, batch: int, seed: int) -> dict[str, Tensor]:
     """The model's seeded inputs with image tokens of varied salience (memory_j * exp(0.5 z_j)).
 
     Real image tokens differ in norm; this makes attention peaked instead of near uniform, so
@@ -81,7 +81,7 @@ ORACLE_BATCH = 2
 
 @functools.lru_cache(maxsize=None)
 def _preset_oracle(preset: str, layers: int, seed: int,
-                   cfg: TgGBCConfig) -> Tuple[Dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
+                   cfg: TgGBCConfig) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
     model = decoder_model(preset, layers)
     inputs = peaked_inputs(model, ORACLE_BATCH, seed)
     with torch.no_grad():
@@ -92,7 +92,7 @@ def _preset_oracle(preset: str, layers: int, seed: int,
 
 
 def preset_oracle(preset: str, layers: int, batch: int, seed: int,
-                  cfg: TgGBCConfig) -> Tuple[Dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
+                  cfg: TgGBCConfig) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
     """(inputs, all_cls_scores, all_bbox_preds, selection margin) of PETRHead with tgGBC ``cfg``.
 
     One torch run at batch 2 serves batch 1 too: batch elements never interact in the head
@@ -108,7 +108,7 @@ def pruned(src: Path, dst: Path, cfg: TgGBCConfig, tensorrt: bool = False) -> on
     return onnx.load(str(dst))
 
 
-def run(path: Path, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
+def run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})
 
@@ -132,7 +132,7 @@ PRESET_CASES = [
 ]
 
 
-def _case_id(case: Tuple[Any, ...]) -> str:
+def _case_id(case: tuple[Any, ...]) -> str:
     cfg = case[2]
     return f"{case[0]}-r{cfg.r}-n{cfg.n}-k{cfg.k}"
 
@@ -140,7 +140,7 @@ def _case_id(case: Tuple[Any, ...]) -> str:
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("case", PRESET_CASES, ids=_case_id)
-def test_preset_matches_torch_reference(case: Tuple[Any, ...], batch: int, exporter: str, tmp_path: Path) -> None:
+def test_preset_matches_torch_reference(case: tuple[Any, ...], batch: int, exporter: str, tmp_path: Path) -> None:
     preset, layers, cfg, seed = case
     inputs, cls, box, margin = preset_oracle(preset, layers, batch, seed, cfg)
     assert margin >= MIN_GAP, f"near tie in the reference selection (gap {margin:.1e}): choose another seed"
@@ -205,8 +205,8 @@ def test_whole_model_images_to_detections(tmp_path: Path) -> None:
 HAND_CONFIG = TgGBCConfig(r=30, n=2, k=0)          # 50 keys, 3 layers: drops [14, 16]; all queries
 
 
-def hand_reference(module: hd.HandDecoder, inputs: Dict[str, Tensor],
-                   cfg: TgGBCConfig) -> Tuple[np.ndarray, np.ndarray, float]:
+def hand_reference(module: hd.HandDecoder, inputs: dict[str, Tensor],
+                   cfg: TgGBCConfig) -> tuple[np.ndarray, np.ndarray, float]:
     """The handwritten decoder with tgGBC applied by ``edgeprune.methods.tggbc`` between its blocks.
 
     Runs the module's own blocks and heads (its intermediate tensors), choosing keys with
@@ -277,7 +277,7 @@ class SdpaDecoder(nn.Module):
         b, n, e = x.shape
         return x.reshape(b, n, self.heads, e // self.heads).transpose(1, 2)                # [B, h, N, d]
 
-    def layer(self, i: int, x: Tensor, memory: Tensor, key_pos: Tensor, attend: Tensor) -> Tuple[Tensor, Tensor]:
+    def layer(self, i: int, x: Tensor, memory: Tensor, key_pos: Tensor, attend: Tensor) -> tuple[Tensor, Tensor]:
         """-> (new x [B, Nq, E], head-mean probabilities [B, Nq, Nk] computed by hand for the reference)."""
         q, k, v = self._split(self.q[i](x)), self._split(self.k[i](memory + key_pos)), self._split(self.v[i](memory))
         mask = attend[:, None, None, :].expand(-1, 1, x.shape[1], -1)     # [B, 1, Nq, Nk]: ORT wants Nq there
@@ -287,7 +287,7 @@ class SdpaDecoder(nn.Module):
         return self.norms[i](x + self.o[i](out)), probs
 
     def forward(self, memory: Tensor, key_pos: Tensor, attend: Tensor,
-                cfg: Optional[TgGBCConfig] = None) -> Tuple[Tensor, Tensor]:
+                cfg: TgGBCConfig | None = None) -> tuple[Tensor, Tensor]:
         x = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)
         drops = tggbc.schedule(cfg.r, cfg.n, len(self.q)) if cfg else [0] * len(self.q)
         scores, boxes, self.seen = [], [], ([], [])
@@ -329,7 +329,7 @@ def test_fused_attention_recomputes_probabilities(tmp_path: Path) -> None:
     (TgGBCConfig(r=30, n=2, k=0, class_reduce="mean"), {"Sigmoid": 2, "ReduceMax": 0, "ReduceMean": 2}),
     (TgGBCConfig(r=20, n=1, k=0, class_reduce="min"), {"Sigmoid": 1, "ReduceMin": 1, "ReduceSum": 1}),
 ], ids=["no-class-score", "mean", "min"])
-def test_ablations_match_their_references(cfg: TgGBCConfig, ops: Dict[str, int], tmp_path: Path) -> None:
+def test_ablations_match_their_references(cfg: TgGBCConfig, ops: dict[str, int], tmp_path: Path) -> None:
     module = hd.HandDecoder("hand")
     inputs = module.example_inputs(batch=2, seed=0)
     with torch.no_grad():
@@ -458,7 +458,7 @@ def test_cli_rewrite_with_long_option_names(tmp_path: Path, capsys: pytest.Captu
     (["--r", "-1"], "must be >= 0"),
     ([], "needs --r R"),
 ])
-def test_cli_parameter_errors_exit_2_without_output(args: List[str], message: str, tmp_path: Path,
+def test_cli_parameter_errors_exit_2_without_output(args: list[str], message: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     from edgeprune.cli.main import main
 

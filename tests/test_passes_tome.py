@@ -16,7 +16,7 @@ import argparse
 import collections
 import functools
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,7 +41,7 @@ PRESET_CONFIG = tome.ToMeConfig(r=2000, n=2)       # merges [1000, 1000, 0]: 422
 ORACLE_SEED = 2
 
 
-def run(path: Path, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
+def run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})
 
@@ -56,13 +56,13 @@ def inserted_ops(model: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(n.op_type for n in model.graph.node if n.name.startswith(tome_pass.PREFIX))
 
 
-def margin(metrics: List[Tensor], schedule: List[int]) -> float:
+def margin(metrics: list[Tensor], schedule: list[int]) -> float:
     merges = [r for r in schedule if r > 0]
     return min(tome.matching_margin(m, r) for m, r in zip(metrics, merges))
 
 
 @functools.lru_cache(maxsize=None)
-def preset_oracle(cfg: tome.ToMeConfig) -> Tuple[Dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
+def preset_oracle(cfg: tome.ToMeConfig) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
     """Batch-2 reference (batch 1 is its first element: ToMe matches keys per batch element)."""
     model = decoder_model(PRESET, LAYERS)
     inputs = model.example_inputs(batch=2, seed=ORACLE_SEED)
@@ -102,8 +102,8 @@ def test_r0_reproduces_the_input_exactly(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the handwritten decoder
-def hand_reference(module: hd.HandDecoder, inputs: Dict[str, Tensor],
-                   cfg: tome.ToMeConfig) -> Tuple[np.ndarray, np.ndarray, float]:
+def hand_reference(module: hd.HandDecoder, inputs: dict[str, Tensor],
+                   cfg: tome.ToMeConfig) -> tuple[np.ndarray, np.ndarray, float]:
     """The handwritten decoder with ToMe between its blocks, run from its own modules."""
     memory, key_pos = inputs["memory"], inputs["key_pos"]
     qpos = module.anchor_embed(module.anchors).unsqueeze(0).expand(memory.shape[0], -1, -1)   # [B, Nq, E]
@@ -164,7 +164,7 @@ def test_masked_keys_are_refused_without_output(tmp_path: Path) -> None:
     (["--n", "2"], "needs --r"),
     (["--r", "100", "--k", "5"], "--k is a tgGBC option"),
 ], ids=["half", "all-keys", "layers", "no-r", "k"])
-def test_cli_rejects_bad_parameters(argv: List[str], message: str, tmp_path: Path,
+def test_cli_rejects_bad_parameters(argv: list[str], message: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tome.onnx"
     code = main(["rewrite", str(exported_decoder(PRESET, "torchscript", 1, LAYERS)), "-o", str(out),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 from edgeprune.passes.matching import GraphIndex, Walk, walk_up
 from edgeprune.passes.structure import AttentionProbs, MaskInput, ProjectionInput
@@ -37,28 +37,28 @@ class AttentionMatch:
     node: str                               # the Softmax, or the fused op
     probs: AttentionProbs
     pv_node: str
-    qk_node: Optional[str]                  # MatMul(Q, K^T); None for fused ops
-    query_input: Optional[ProjectionInput]  # None: queries folded to a constant, or projection not matched
+    qk_node: str | None                     # MatMul(Q, K^T); None for fused ops
+    query_input: ProjectionInput | None     # None: queries folded to a constant, or projection not matched
     key_input: ProjectionInput
     value_input: ProjectionInput
-    masks: Tuple[MaskInput, ...]
+    masks: tuple[MaskInput, ...]
     num_queries: int
     num_keys: int
     batch: int
     embed_dims: int                         # last axis of the key projection input
-    path_nodes: Tuple[str, ...]             # nodes between projection inputs and attention
+    path_nodes: tuple[str, ...]             # nodes between projection inputs and attention
     query_constant: bool = False            # the query side (Q) is computed from constants only
 
 
 @dataclass(frozen=True)
 class _Projection:
     input: ProjectionInput
-    path: Tuple[Any, ...]        # nodes from the consumer down to the attention (graph order reversed)
+    path: tuple[Any, ...]        # nodes from the consumer down to the attention (graph order reversed)
     factor: float
 
 
 # ----------------------------------------------------------------- projections
-def _projection_node(index: GraphIndex, walk: Walk) -> Optional[Tuple[Any, int]]:
+def _projection_node(index: GraphIndex, walk: Walk) -> tuple[Any, int] | None:
     """(MatMul/Gemm node, data input index) if the walk stopped at a projection by a constant weight."""
     node = walk.node
     if node is None:
@@ -72,7 +72,7 @@ def _projection_node(index: GraphIndex, walk: Walk) -> Optional[Tuple[Any, int]]
     return None
 
 
-def _flatten_source(index: GraphIndex, tensor: str) -> Optional[Any]:
+def _flatten_source(index: GraphIndex, tensor: str) -> Any | None:
     """The Reshape that flattened [.., N, E] to 2-D right before a Gemm, if any."""
     node = index.producer.get(tensor)
     shape, src = index.shape(tensor), None
@@ -81,7 +81,7 @@ def _flatten_source(index: GraphIndex, tensor: str) -> Optional[Any]:
     return node if src is not None and len(src) >= 3 else None
 
 
-def find_projection(index: GraphIndex, tensor: str, num_keys: int) -> Optional[_Projection]:
+def find_projection(index: GraphIndex, tensor: str, num_keys: int) -> _Projection | None:
     """Walk up from an attention input (K, V or Q side) to the projection and its input."""
     walk = walk_up(index, tensor)
     found = _projection_node(index, walk)
@@ -103,7 +103,7 @@ def find_projection(index: GraphIndex, tensor: str, num_keys: int) -> Optional[_
     return _Projection(pin, path, walk.factor)
 
 
-def _axes(shape: Optional[Sequence[Any]], num_keys: int) -> Optional[Tuple[int, Optional[int]]]:
+def _axes(shape: Sequence[Any] | None, num_keys: int) -> tuple[int, int | None] | None:
     """(key axis, batch axis) of a projection input [B, N, E], [N, B, E] or [N, E].
 
     When B == N both axes fit; the batch-first reading (key axis 1) is taken.
@@ -135,16 +135,16 @@ def _reaches_matmul(index: GraphIndex, tensor: str, depth: int = 6) -> bool:
 @dataclass(frozen=True)
 class _ScorePath:
     qk: Any
-    masks: Tuple[Tuple[str, Any, int], ...]   # (mask tensor, consumer node, input index)
+    masks: tuple[tuple[str, Any, int], ...]   # (mask tensor, consumer node, input index)
     factor: float
 
 
-def _main_input(index: GraphIndex, node: Any, choices: Sequence[int]) -> Optional[int]:
+def _main_input(index: GraphIndex, node: Any, choices: Sequence[int]) -> int | None:
     hits = [i for i in choices if i < len(node.input) and _reaches_matmul(index, node.input[i])]
     return hits[0] if len(hits) == 1 else None
 
 
-def score_path(index: GraphIndex, softmax: Any) -> Optional[_ScorePath]:
+def score_path(index: GraphIndex, softmax: Any) -> _ScorePath | None:
     """From a Softmax's input up to the QK MatMul, collecting masks and constant scales."""
     tensor, masks, factor = softmax.input[0], [], 1.0
     for _ in range(_MAX_SCORE_STEPS):
@@ -175,7 +175,7 @@ def score_path(index: GraphIndex, softmax: Any) -> Optional[_ScorePath]:
     return None
 
 
-def _pv_node(index: GraphIndex, probs: str) -> Optional[Any]:
+def _pv_node(index: GraphIndex, probs: str) -> Any | None:
     """The MatMul(probs, V) reading ``probs`` (through Cast/Identity/Dropout)."""
     todo, seen = [probs], set()
     while todo:
@@ -206,11 +206,11 @@ def _mask_input(index: GraphIndex, tensor: str, consumer: Any, idx: int, scores_
                      batch_axis=batch_axis, heads_in_batch=in_batch)
 
 
-def _static(shape: Optional[Sequence[Any]]) -> bool:
+def _static(shape: Sequence[Any] | None) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
 
-def match_softmax_attention(index: GraphIndex, softmax: Any) -> Optional[AttentionMatch]:
+def match_softmax_attention(index: GraphIndex, softmax: Any) -> AttentionMatch | None:
     """The attention around ``softmax`` (a Softmax over the last axis), or None."""
     probs_shape = index.shape(softmax.output[0])
     if not _static(probs_shape) or len(probs_shape) not in (3, 4):
@@ -232,7 +232,7 @@ def match_softmax_attention(index: GraphIndex, softmax: Any) -> Optional[Attenti
 
 
 def _heads_and_batch(index: GraphIndex, probs_shape: Sequence[int], qk: Any,
-                     key: _Projection) -> Optional[Tuple[int, int, str]]:
+                     key: _Projection) -> tuple[int, int, str] | None:
     """(heads, batch, layout) from the probabilities' shape and the head width of Q."""
     if len(probs_shape) == 4:
         return probs_shape[1], probs_shape[0], "BHQK"
@@ -247,7 +247,7 @@ def _heads_and_batch(index: GraphIndex, probs_shape: Sequence[int], qk: Any,
 
 
 def _assemble(index: GraphIndex, softmax: Any, probs_shape: Sequence[int], scores: _ScorePath, pv: Any,
-              query: Optional[_Projection], key: _Projection, value: _Projection) -> Optional[AttentionMatch]:
+              query: _Projection | None, key: _Projection, value: _Projection) -> AttentionMatch | None:
     hb = _heads_and_batch(index, probs_shape, scores.qk, key)
     if hb is None:
         return None
@@ -270,7 +270,7 @@ def _assemble(index: GraphIndex, softmax: Any, probs_shape: Sequence[int], score
 FUSED_OPS = {("", "Attention"), ("ai.onnx", "Attention"), ("com.microsoft", "MultiHeadAttention")}
 
 
-def _fused_geometry(index: GraphIndex, node: Any) -> Optional[Tuple[int, int, int, int]]:
+def _fused_geometry(index: GraphIndex, node: Any) -> tuple[int, int, int, int] | None:
     """(heads, batch, Nq, Nk) of a fused attention op from its Q/K shapes and attributes."""
     q_shape, k_shape = index.shape(node.input[0]), index.shape(node.input[1])
     if not _static(q_shape) or not _static(k_shape) or len(q_shape) != len(k_shape):
@@ -285,7 +285,7 @@ def _fused_geometry(index: GraphIndex, node: Any) -> Optional[Tuple[int, int, in
     return int(heads), q_shape[0], q_shape[1], k_shape[1]
 
 
-def _fused_masks(index: GraphIndex, node: Any, batch: int) -> Tuple[MaskInput, ...]:
+def _fused_masks(index: GraphIndex, node: Any, batch: int) -> tuple[MaskInput, ...]:
     """Attention's attn_mask (input 3); MultiHeadAttention's key_padding_mask (4) and attention_bias (5)."""
     slots = (3,) if node.op_type == "Attention" else (4, 5)
     masks = []
@@ -297,7 +297,7 @@ def _fused_masks(index: GraphIndex, node: Any, batch: int) -> Tuple[MaskInput, .
     return tuple(masks)
 
 
-def match_fused_attention(index: GraphIndex, node: Any) -> Optional[AttentionMatch]:
+def match_fused_attention(index: GraphIndex, node: Any) -> AttentionMatch | None:
     """An ONNX ``Attention`` or ``com.microsoft.MultiHeadAttention`` node with separate Q, K, V."""
     if len(node.input) < 3 or not all(node.input[:3]):
         return None
@@ -323,7 +323,7 @@ def match_fused_attention(index: GraphIndex, node: Any) -> Optional[AttentionMat
         query_constant=index.is_constant(node.input[0]))
 
 
-def find_attentions(index: GraphIndex) -> List[AttentionMatch]:
+def find_attentions(index: GraphIndex) -> list[AttentionMatch]:
     """Every attention block of the main graph, in graph order."""
     found = []
     for node in index.graph.node:

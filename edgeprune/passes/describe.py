@@ -12,7 +12,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Sequence
 
 from edgeprune.passes.attention_match import find_attentions
 from edgeprune.passes.discovery import discover, is_cross_attention
@@ -31,12 +31,12 @@ class ModelDescription:
     structure: DecoderStructure
     sizes: DecoderSizes
     flops: DecoderFlops
-    estimate: Optional[PruningEstimate] = None
+    estimate: PruningEstimate | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (``edgeprune inspect --json``)."""
         s = self.structure
-        out: Dict[str, Any] = {
+        out: dict[str, Any] = {
             "path": self.path, "source": s.source, "num_layers": s.num_layers, "batch": s.batch,
             "num_queries": s.num_queries, "num_keys": s.num_keys, "num_heads": s.num_heads,
             "embed_dims": s.embed_dims, "num_classes": s.num_classes, "ffn_dims": self.sizes.ffn_dims,
@@ -56,7 +56,7 @@ class ModelDescription:
             }
         return out
 
-    def _layer(self, i: int) -> Dict[str, Any]:
+    def _layer(self, i: int) -> dict[str, Any]:
         layer, flops, b = self.structure.layers[i], self.flops.layers[i], self.flops.batch
         return {
             "index": i, "num_keys": layer.num_keys, "self_keys": self.sizes.self_keys[i],
@@ -76,10 +76,10 @@ def _position(index: GraphIndex, name: str) -> int:
     return index.position.get(name, -1)
 
 
-def self_attention_keys(index: GraphIndex, structure: DecoderStructure) -> List[Optional[int]]:
+def self_attention_keys(index: GraphIndex, structure: DecoderStructure) -> list[int | None]:
     """Keys of each layer's self-attention (None when folded away or not found)."""
     cross_pos = [_position(index, layer.pv_node) for layer in structure.layers]
-    keys: List[Optional[int]] = [None] * structure.num_layers
+    keys: list[int | None] = [None] * structure.num_layers
     for m in find_attentions(index):
         if m.num_queries != structure.num_queries or is_cross_attention(index, m):
             continue
@@ -90,7 +90,7 @@ def self_attention_keys(index: GraphIndex, structure: DecoderStructure) -> List[
     return keys
 
 
-def _linear_width(index: GraphIndex, node: Any, side: str) -> Optional[int]:
+def _linear_width(index: GraphIndex, node: Any, side: str) -> int | None:
     """Input (side='in') or output width of a MatMul/Gemm with a constant 2-D weight."""
     if node is None or node.op_type not in ("MatMul", "Gemm") or not index.is_constant(node.input[1]):
         return None
@@ -101,7 +101,7 @@ def _linear_width(index: GraphIndex, node: Any, side: str) -> Optional[int]:
     return rows if side == "in" else cols
 
 
-def ffn_width(index: GraphIndex, embed_dims: int) -> Optional[int]:
+def ffn_width(index: GraphIndex, embed_dims: int) -> int | None:
     """Most common hidden width F of Linear(E->F) -> activation -> Linear(F->E), F != E."""
     widths: Counter = Counter()
     for act in (n for n in index.graph.node if n.op_type in _ACTIVATIONS):
@@ -125,8 +125,8 @@ def decoder_sizes(index: GraphIndex, structure: DecoderStructure) -> DecoderSize
                         self_keys=tuple(self_attention_keys(index, s)), ffn_dims=ffn_width(index, s.embed_dims))
 
 
-def describe_model(path: Union[str, os.PathLike], *, overrides: Optional[Sequence[str]] = None,
-                   r: Optional[int] = None, n: Optional[int] = None, k: int = 0) -> ModelDescription:
+def describe_model(path: str | os.PathLike, *, overrides: Sequence[str] | None = None,
+                   r: int | None = None, n: int | None = None, k: int = 0) -> ModelDescription:
     """Discover the decoder of the model at ``path``; with ``r``/``n``, also the tgGBC estimate."""
     from edgeprune.passes.driver import load_model
 

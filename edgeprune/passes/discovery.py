@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import replace
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Mapping, Sequence
 
 from edgeprune.errors import InvalidModelError, PatternNotFoundError
 from edgeprune.passes.attention_match import AttentionMatch, find_attentions, find_projection, \
@@ -39,8 +39,8 @@ _CLS_HINT = re.compile(r"cls|score|logit|class", re.IGNORECASE)
 _STACK_VIEWS = ("Unsqueeze", "Reshape", "Identity")
 
 
-def discover(model: Any, overrides: Union[Overrides, Mapping[str, str], Sequence[str], None] = None,
-             *, index: Optional[GraphIndex] = None) -> DecoderStructure:
+def discover(model: Any, overrides: Overrides | Mapping[str, str] | Sequence[str] | None = None,
+             *, index: GraphIndex | None = None) -> DecoderStructure:
     """The decoder structure of ``model`` (an ``onnx.ModelProto``).
 
     Gives unnamed nodes unique names in place (records refer to nodes by name). Raises
@@ -84,7 +84,7 @@ def _usable_map(model: Any, index: GraphIndex) -> Any:
     return dmap
 
 
-def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[AttentionMatch]) -> Optional[List[DecoderLayer]]:
+def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[AttentionMatch]) -> list[DecoderLayer] | None:
     """Layers whose probabilities/logits the map names; None (stale) when a name does not match."""
     by_probs = {m.probs.tensor: m for m in attentions if m.probs.tensor}
     fused = [m for m in attentions if m.probs.layout == "fused" and is_cross_attention(index, m)]
@@ -106,7 +106,7 @@ def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[Attentio
 
 
 # ------------------------------------------------------------------ matching
-def _layer(i: int, match: AttentionMatch, logits: Optional[str]) -> DecoderLayer:
+def _layer(i: int, match: AttentionMatch, logits: str | None) -> DecoderLayer:
     return DecoderLayer(index=i, probs=match.probs, key_inputs=(match.key_input,), value_inputs=(match.value_input,),
                         masks=match.masks, pv_node=match.pv_node, logits=logits, num_keys=match.num_keys,
                         key_path_nodes=match.path_nodes)
@@ -140,11 +140,11 @@ def _view_root(index: GraphIndex, tensor: str) -> str:
     return tensor
 
 
-def _select_cross(candidates: List[AttentionMatch], expected: Optional[int]) -> List[AttentionMatch]:
+def _select_cross(candidates: list[AttentionMatch], expected: int | None) -> list[AttentionMatch]:
     """All candidates, or (when their count disagrees with the stacked outputs) the agreeing key group."""
     if expected is None or len(candidates) == expected:
         return candidates
-    groups: Dict[int, List[AttentionMatch]] = {}
+    groups: dict[int, list[AttentionMatch]] = {}
     for m in candidates:
         groups.setdefault(m.num_keys, []).append(m)
     fitting = [g for g in groups.values() if len(g) == expected]
@@ -156,7 +156,7 @@ def _select_cross(candidates: List[AttentionMatch], expected: Optional[int]) -> 
         f"layers; name each decoder layer's probabilities with --override layer.N.probs=TENSOR")
 
 
-def _matched_layers(index: GraphIndex, attentions: Sequence[AttentionMatch], ov: Overrides) -> List[DecoderLayer]:
+def _matched_layers(index: GraphIndex, attentions: Sequence[AttentionMatch], ov: Overrides) -> list[DecoderLayer]:
     cross = [m for m in attentions if is_cross_attention(index, m)]
     for m in attentions:
         log.debug("attention %s: %s, %d queries x %d keys", m.node, "cross" if m in cross else "self",
@@ -187,7 +187,7 @@ def _no_decoder_message(index: GraphIndex, attentions: Sequence[AttentionMatch])
 
 
 # ------------------------------------------------------------------ logits
-def _producer_through(index: GraphIndex, tensor: str, ops: Iterable[str]) -> Tuple[str, Optional[Any]]:
+def _producer_through(index: GraphIndex, tensor: str, ops: Iterable[str]) -> tuple[str, Any | None]:
     node = index.producer.get(tensor)
     while node is not None and node.op_type in ops:
         tensor = node.input[0]
@@ -195,7 +195,7 @@ def _producer_through(index: GraphIndex, tensor: str, ops: Iterable[str]) -> Tup
     return tensor, node
 
 
-def _stack_inputs(index: GraphIndex, output: str) -> Optional[List[str]]:
+def _stack_inputs(index: GraphIndex, output: str) -> list[str] | None:
     """Inputs of the axis-0 Concat producing ``output`` (through Identity), or None."""
     _, node = _producer_through(index, output, ("Identity",))
     if node is None or node.op_type != "Concat" or index.attr(node, "axis") != 0:
@@ -212,7 +212,7 @@ def _is_linear(index: GraphIndex, tensor: str) -> bool:
     return node is not None and node.op_type in ("MatMul", "Gemm")
 
 
-def find_cls_output(index: GraphIndex) -> Optional[str]:
+def find_cls_output(index: GraphIndex) -> str | None:
     """The graph output stacking per-layer class logits: by name, else the one made of Linear outputs."""
     stacked = [o for o in index.outputs if _stack_inputs(index, o)]
     if CLS_OUTPUT_NAME in stacked:
@@ -229,7 +229,7 @@ def find_cls_output(index: GraphIndex) -> Optional[str]:
     return None
 
 
-def unstack(index: GraphIndex, output: str) -> Optional[List[str]]:
+def unstack(index: GraphIndex, output: str) -> list[str] | None:
     """Per-layer tensors of a stacked output: [B, Nq, C] when it exists, else the [1, B, Nq, C] slice."""
     inputs = _stack_inputs(index, output)
     if inputs is None:
@@ -246,7 +246,7 @@ def unstack(index: GraphIndex, output: str) -> Optional[List[str]]:
     return per_layer
 
 
-def _attention_output(index: GraphIndex, layer: Union[AttentionMatch, DecoderLayer]) -> str:
+def _attention_output(index: GraphIndex, layer: AttentionMatch | DecoderLayer) -> str:
     return index.nodes[layer.pv_node].output[0]
 
 
@@ -261,7 +261,7 @@ def _logits_follow_layers(index: GraphIndex, cross: Sequence[AttentionMatch], lo
     return True
 
 
-def _fill_logits(index: GraphIndex, layers: List[DecoderLayer], ov: Overrides) -> List[DecoderLayer]:
+def _fill_logits(index: GraphIndex, layers: list[DecoderLayer], ov: Overrides) -> list[DecoderLayer]:
     """Layers named by overrides get their logits from the stacked class output when it fits."""
     if all(layer.logits is not None for layer in layers):
         return layers
@@ -285,7 +285,7 @@ def _require_tensor(index: GraphIndex, name: str, what: str) -> None:
 
 
 def _probs_layer(index: GraphIndex, i: int, spec: TensorSpec, attentions: Sequence[AttentionMatch],
-                 ov: Overrides, old: Optional[DecoderLayer]) -> DecoderLayer:
+                 ov: Overrides, old: DecoderLayer | None) -> DecoderLayer:
     """Layer ``i`` from a probabilities override, matched around it when possible."""
     _require_tensor(index, spec.tensor, f"layer.{i}.probs")
     logits = old.logits if old is not None else None
@@ -311,7 +311,7 @@ def _probs_layer(index: GraphIndex, i: int, spec: TensorSpec, attentions: Sequen
 
 
 def _consumer(index: GraphIndex, spec: TensorSpec, what: str, previous: Sequence[Any],
-              ops: Iterable[str]) -> Tuple[str, int]:
+              ops: Iterable[str]) -> tuple[str, int]:
     """(consumer node, input index) the override's tensor feeds: named, previously matched, or unique."""
     users = index.users(spec.tensor)
     if spec.node is not None:
@@ -374,8 +374,8 @@ def _override_layer(index: GraphIndex, i: int, layer: DecoderLayer, ov: Override
     return layer
 
 
-def _apply_overrides(index: GraphIndex, layers: List[DecoderLayer], ov: Overrides,
-                     attentions: Sequence[AttentionMatch]) -> List[DecoderLayer]:
+def _apply_overrides(index: GraphIndex, layers: list[DecoderLayer], ov: Overrides,
+                     attentions: Sequence[AttentionMatch]) -> list[DecoderLayer]:
     if not ov.layers:
         return layers
     count = max(len(layers), max(ov.layers) + 1)
@@ -397,7 +397,7 @@ def _dim(shape: Any, axis: int) -> int:
     return int(shape[axis]) if shape and isinstance(shape[axis], int) else 0
 
 
-def _probs_geometry(index: GraphIndex, layer: DecoderLayer) -> Tuple[int, int]:
+def _probs_geometry(index: GraphIndex, layer: DecoderLayer) -> tuple[int, int]:
     """(batch, Nq) of a layer from its probabilities (or its fused op's Q input)."""
     probs = layer.probs
     if probs.layout == "fused" and probs.fused_qk:
@@ -410,7 +410,7 @@ def _probs_geometry(index: GraphIndex, layer: DecoderLayer) -> Tuple[int, int]:
     return batch, _dim(shape, -2)
 
 
-def query_constants(index: GraphIndex, num_queries: int) -> Tuple[str, ...]:
+def query_constants(index: GraphIndex, num_queries: int) -> tuple[str, ...]:
     """Initializers and Constant outputs with an axis of ``num_queries`` entries."""
     names = [t.name for t in index.graph.initializer if num_queries in t.dims]
     names += [n.output[0] for n in index.graph.node if n.op_type == "Constant"
@@ -418,7 +418,7 @@ def query_constants(index: GraphIndex, num_queries: int) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def _classes(index: GraphIndex, layers: Sequence[DecoderLayer], cls_output: Optional[str]) -> int:
+def _classes(index: GraphIndex, layers: Sequence[DecoderLayer], cls_output: str | None) -> int:
     for tensor in [layers[0].logits, cls_output]:
         shape = index.shape(tensor) if tensor else None
         if shape and isinstance(shape[-1], int):
@@ -434,7 +434,7 @@ def _embed(index: GraphIndex, layer: DecoderLayer) -> int:
     return 0
 
 
-def _assemble(index: GraphIndex, layers: List[DecoderLayer], source: str, ov: Overrides,
+def _assemble(index: GraphIndex, layers: list[DecoderLayer], source: str, ov: Overrides,
               dmap: Any) -> DecoderStructure:
     first = layers[0]
     batch, num_queries = _probs_geometry(index, first)
@@ -451,7 +451,7 @@ def _assemble(index: GraphIndex, layers: List[DecoderLayer], source: str, ov: Ov
 
 
 # ------------------------------------------------------------------ requirements
-def missing_parts(structure: DecoderStructure, parts: Iterable[str]) -> List[Tuple[int, str]]:
+def missing_parts(structure: DecoderStructure, parts: Iterable[str]) -> list[tuple[int, str]]:
     """(layer, part) pairs a pass needs but discovery did not find."""
     wanted = list(parts)
     unknown = [p for p in wanted if p not in LAYER_PARTS]

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Sequence
 
 from edgeprune import _lazy
 from edgeprune.errors import InternalError, InvalidModelError, ModelNotFoundError
@@ -43,7 +43,7 @@ class RewriteReport:
 
     input_path: str
     output_path: str
-    passes: Tuple[str, ...]
+    passes: tuple[str, ...]
     precision: str
     structure: DecoderStructure          # discovered on the input model
     nodes_before: int
@@ -51,11 +51,11 @@ class RewriteReport:
     bytes_before: int
     bytes_after: int
     seconds: float
-    verification: Optional[VerifyReport] = None
-    external_data: Optional[str] = None  # name of the external data file, if one was written
-    notes: Tuple[str, ...] = field(default_factory=tuple)
+    verification: VerifyReport | None = None
+    external_data: str | None = None  # name of the external data file, if one was written
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
-    def lines(self) -> List[str]:
+    def lines(self) -> list[str]:
         s = self.structure
         out = [f"rewrote {self.input_path} -> {self.output_path} ({', '.join(self.passes) or 'no pass'}, "
                f"{self.precision}) in {self.seconds:.2f} s",
@@ -70,7 +70,7 @@ class RewriteReport:
 
 
 # ------------------------------------------------------------------ load / save
-def load_model(path: Union[str, os.PathLike]) -> Any:
+def load_model(path: str | os.PathLike) -> Any:
     """``onnx.load`` with one-line user errors for a missing, empty or corrupt file."""
     onnx = _lazy.require("onnx")
     p = Path(path)
@@ -101,7 +101,7 @@ def _count(dims: Sequence[int]) -> int:
     return n
 
 
-def save_model(model: Any, path: Path, final_name: str) -> Optional[str]:
+def save_model(model: Any, path: Path, final_name: str) -> str | None:
     """Save (with external data named after the final file when the model is too big)."""
     onnx = _lazy.require("onnx")
     if initializer_bytes(model) < _EXTERNAL_DATA_BYTES:
@@ -156,7 +156,7 @@ def check_model(path: Path) -> None:
 
 
 # ------------------------------------------------------------------ passes
-def _precision_pass(precision: Union[str, Any]) -> Tuple[str, Optional[Any]]:
+def _precision_pass(precision: str | Any) -> tuple[str, Any | None]:
     if not isinstance(precision, str):
         return precision.name, precision
     cls = get_precision(precision)
@@ -178,10 +178,10 @@ def apply_passes(model: Any, chain: Sequence[Any], structure: DecoderStructure, 
     return model
 
 
-def rewrite(in_path: Union[str, os.PathLike], out_path: Union[str, os.PathLike], passes: Sequence[Any], *,
-            overrides: Union[Overrides, Mapping[str, str], Sequence[str], None] = None,
-            precision: Union[str, Any] = "fp32", verify: bool = True, seed: int = 0,
-            verify_inputs: Optional[Mapping[str, Any]] = None) -> RewriteReport:
+def rewrite(in_path: str | os.PathLike, out_path: str | os.PathLike, passes: Sequence[Any], *,
+            overrides: Overrides | Mapping[str, str] | Sequence[str] | None = None,
+            precision: str | Any = "fp32", verify: bool = True, seed: int = 0,
+            verify_inputs: Mapping[str, Any] | None = None) -> RewriteReport:
     """Rewrite ``in_path`` with ``passes`` (+ the ``precision`` conversion) into ``out_path``."""
     started = time.perf_counter()
     target = check_writable(out_path)
@@ -204,8 +204,8 @@ def rewrite(in_path: Union[str, os.PathLike], out_path: Union[str, os.PathLike],
                          time.perf_counter() - started, report, external)
 
 
-def _save_checked(model: Any, target: Path, in_path: Union[str, os.PathLike], verify: bool, seed: int,
-                  inputs: Optional[Mapping[str, Any]]) -> Tuple[Optional[str], Optional[VerifyReport]]:
+def _save_checked(model: Any, target: Path, in_path: str | os.PathLike, verify: bool, seed: int,
+                  inputs: Mapping[str, Any] | None) -> tuple[str | None, VerifyReport | None]:
     """Save to a temporary file, check and verify it there, then rename onto ``target``."""
     external = None
     try:

@@ -24,7 +24,7 @@ Everything here is plain arithmetic on ints (no onnx, no torch): boards can impo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
 from edgeprune.errors import ParameterError
 
@@ -72,7 +72,7 @@ def ffn_flops(num_queries: int, embed_dims: int, hidden: int) -> int:
     return matmul_flops(num_queries, embed_dims, hidden) + matmul_flops(num_queries, hidden, embed_dims)
 
 
-def drop_schedule(r: int, n: int, num_layers: int) -> List[int]:
+def drop_schedule(r: int, n: int, num_layers: int) -> list[int]:
     """Keys dropped after each layer (methods.md): ``r // n`` made even, the remainder on layer n-1.
 
     Same rule as ``edgeprune.methods.tggbc.schedule`` (which needs torch); r <= 0 or n <= 0: none.
@@ -96,7 +96,7 @@ def check_tggbc(r: int, n: int, k: int, *, num_keys: int, num_layers: int, num_q
         raise ParameterError(f"k={k} exceeds the number of queries ({num_queries}); use k=0 for all")
 
 
-def keys_per_layer(num_keys: int, drops: Sequence[int]) -> List[int]:
+def keys_per_layer(num_keys: int, drops: Sequence[int]) -> list[int]:
     """Keys each layer's cross-attention reads when layer l drops ``drops[l]`` after itself."""
     keys, out = num_keys, []
     for drop in drops:
@@ -112,8 +112,8 @@ class LayerFlops:
     index: int
     num_keys: int
     cross: AttentionFlops
-    self_attn: Optional[AttentionFlops] = None   # None: not counted (folded to constants or unknown)
-    ffn: Optional[int] = None                    # None: hidden width unknown
+    self_attn: AttentionFlops | None = None   # None: not counted (folded to constants or unknown)
+    ffn: int | None = None                    # None: hidden width unknown
     importance: int = 0                          # tgGBC scoring after this layer
 
     @property
@@ -128,7 +128,7 @@ class LayerFlops:
 
 @dataclass(frozen=True)
 class DecoderFlops:
-    layers: Tuple[LayerFlops, ...]
+    layers: tuple[LayerFlops, ...]
     batch: int = 1
 
     @property
@@ -150,11 +150,11 @@ class DecoderSizes:
     embed_dims: int
     num_heads: int
     batch: int = 1
-    self_keys: Tuple[Optional[int], ...] = field(default_factory=tuple)
-    ffn_dims: Optional[int] = None
+    self_keys: tuple[int | None, ...] = field(default_factory=tuple)
+    ffn_dims: int | None = None
 
 
-def decoder_flops(sizes: DecoderSizes, drops: Optional[Sequence[int]] = None, k: int = 0) -> DecoderFlops:
+def decoder_flops(sizes: DecoderSizes, drops: Sequence[int] | None = None, k: int = 0) -> DecoderFlops:
     """FLOPs of every layer, with ``drops[l]`` keys pruned after layer l (None: no pruning)."""
     drops = list(drops) if drops is not None else [0] * sizes.num_layers
     keys = keys_per_layer(sizes.num_keys, drops)
@@ -177,7 +177,7 @@ class PruningEstimate:
     r: int
     n: int
     k: int
-    drops: Tuple[int, ...]
+    drops: tuple[int, ...]
     before: DecoderFlops
     after: DecoderFlops
 

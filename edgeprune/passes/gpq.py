@@ -745,7 +745,7 @@ class QueryPruningPass(BasePass):
                            help="GPQ one-shot: calibration inputs by input name, [B, ...] or [S, B, ...]")
 
     @classmethod
-    def from_args(cls, args: Any) -> "QueryPruningPass":
+    def from_args(cls, args: Any) -> QueryPruningPass:
         path, k, calib = getattr(args, "keep_indices", None), getattr(args, "keep_queries", None), \
             getattr(args, "calib", None)
         if path is not None and (k is not None or calib is not None):

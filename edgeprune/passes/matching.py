@@ -10,7 +10,7 @@ node up through given input indices with given op types, or ``None``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Callable, Iterable, Sequence
 
 from edgeprune import _lazy
 from edgeprune.passes.shapes import Shape, Shapes, infer_shapes
@@ -28,21 +28,21 @@ class GraphIndex:
     """Dict views of one ``onnx.GraphProto``; build with :meth:`build`."""
 
     graph: Any
-    nodes: Dict[str, Any]                 # node name -> NodeProto (names must be unique: see name_nodes)
-    producer: Dict[str, Any]              # tensor -> producing NodeProto
-    consumers: Dict[str, List[Any]]       # tensor -> consuming NodeProtos (graph order)
-    position: Dict[str, int]              # node name -> index in graph.node
-    initializers: Dict[str, Any]          # name -> TensorProto
-    inputs: Set[str]                      # graph inputs that are not initializers
-    outputs: List[str]
+    nodes: dict[str, Any]                 # node name -> NodeProto (names must be unique: see name_nodes)
+    producer: dict[str, Any]              # tensor -> producing NodeProto
+    consumers: dict[str, list[Any]]       # tensor -> consuming NodeProtos (graph order)
+    position: dict[str, int]              # node name -> index in graph.node
+    initializers: dict[str, Any]          # name -> TensorProto
+    inputs: set[str]                      # graph inputs that are not initializers
+    outputs: list[str]
     shapes: Shapes
-    _constant: Dict[str, bool] = field(default_factory=dict)
+    _constant: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, model: Any, shapes: Optional[Shapes] = None) -> "GraphIndex":
+    def build(cls, model: Any, shapes: Shapes | None = None) -> GraphIndex:
         graph = model.graph
-        producer: Dict[str, Any] = {}
-        consumers: Dict[str, List[Any]] = {}
+        producer: dict[str, Any] = {}
+        consumers: dict[str, list[Any]] = {}
         for node in graph.node:
             for out in node.output:
                 if out:
@@ -61,7 +61,7 @@ class GraphIndex:
     def has_tensor(self, name: str) -> bool:
         return name in self.producer or name in self.initializers or name in self.inputs
 
-    def shape(self, name: str) -> Optional[Shape]:
+    def shape(self, name: str) -> Shape | None:
         return self.shapes.get(name)
 
     def is_constant(self, name: str) -> bool:
@@ -98,7 +98,7 @@ class GraphIndex:
                     return list(onnx.helper.get_attribute_value(attr))
         return None
 
-    def scalar(self, name: str) -> Optional[float]:
+    def scalar(self, name: str) -> float | None:
         """The value of a constant with exactly one element, else None."""
         value = self.value(name)
         if value is None:
@@ -109,13 +109,13 @@ class GraphIndex:
         return float(arr.reshape(-1)[0]) if arr.size == 1 else None
 
     # -------------------------------------------------------------------- nodes
-    def parent(self, node: Any, index: int) -> Optional[Any]:
+    def parent(self, node: Any, index: int) -> Any | None:
         """Producer of ``node``'s input ``index`` (None for inputs, initializers, missing)."""
         if index >= len(node.input) or not node.input[index]:
             return None
         return self.producer.get(node.input[index])
 
-    def users(self, tensor: str) -> List[Any]:
+    def users(self, tensor: str) -> list[Any]:
         return self.consumers.get(tensor, [])
 
     def attr(self, node: Any, name: str, default: Any = None) -> Any:
@@ -128,7 +128,7 @@ class GraphIndex:
     def depends_on(self, tensor: str, targets: Iterable[str], *, skip_constants: bool = True) -> bool:
         """True when ``tensor`` is computed (transitively) from any of ``targets``."""
         wanted = set(targets)
-        seen: Set[str] = set()
+        seen: set[str] = set()
         stack = [tensor]
         while stack:
             cur = stack.pop()
@@ -148,7 +148,7 @@ def name_nodes(model: Any, prefix: str = "node") -> int:
 
     Match records refer to nodes by name, so names must be unique before discovery.
     """
-    seen: Set[str] = set()
+    seen: set[str] = set()
     renamed = 0
     for i, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:
@@ -164,7 +164,7 @@ def name_nodes(model: Any, prefix: str = "node") -> int:
 
 
 def match_parent_path(index: GraphIndex, node: Any, op_types: Sequence[str],
-                      input_indices: Sequence[Optional[int]]) -> Optional[List[Any]]:
+                      input_indices: Sequence[int | None]) -> list[Any] | None:
     """Nodes ``[p1, p2, ...]`` with ``p1 = producer(node.input[i0])`` of type ``op_types[0]``, etc.
 
     An index of ``None`` accepts the first input whose producer has the wanted type.
@@ -172,7 +172,7 @@ def match_parent_path(index: GraphIndex, node: Any, op_types: Sequence[str],
     """
     if len(op_types) != len(input_indices):
         raise ValueError("op_types and input_indices must have the same length")
-    path: List[Any] = []
+    path: list[Any] = []
     current = node
     for op_type, idx in zip(op_types, input_indices):
         candidates = range(len(current.input)) if idx is None else [idx]
@@ -194,12 +194,12 @@ class Walk:
     """Result of walking up from a tensor: where the walk stopped and what it passed."""
 
     tensor: str                  # the tensor the walk stopped at (output of ``node``)
-    node: Optional[Any]          # its producer (None: graph input or initializer)
+    node: Any | None          # its producer (None: graph input or initializer)
     path: tuple                  # NodeProtos walked through, nearest first
     factor: float                # product of the constant scalar Mul/Div factors passed
 
 
-def data_input(index: GraphIndex, node: Any) -> Optional[int]:
+def data_input(index: GraphIndex, node: Any) -> int | None:
     """Which input of a view/affine node carries the data, or None when it is not a pass-through."""
     if node.op_type in VIEW_OPS:
         return 0
@@ -212,10 +212,10 @@ def data_input(index: GraphIndex, node: Any) -> Optional[int]:
     return None
 
 
-def walk_up(index: GraphIndex, tensor: str, through: Callable[[GraphIndex, Any], Optional[int]] = data_input,
+def walk_up(index: GraphIndex, tensor: str, through: Callable[[GraphIndex, Any], int | None] = data_input,
             max_steps: int = 32) -> Walk:
     """Follow producers while ``through(index, node)`` names a data input; stop at the first other node."""
-    path: List[Any] = []
+    path: list[Any] = []
     factor = 1.0
     for _ in range(max_steps):
         node = index.producer.get(tensor)

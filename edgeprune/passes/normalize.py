@@ -14,7 +14,7 @@ model computes the same values.
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PREFIX = "normalize/"
 
 
-def _split_sizes(index: GraphIndex, split: Any, width: int) -> Optional[List[int]]:
+def _split_sizes(index: GraphIndex, split: Any, width: int) -> list[int] | None:
     """Sizes of a Split along the last axis (input ``split``, attribute, or equal parts)."""
     if len(split.input) > 1 and split.input[1]:
         sizes = index.value(split.input[1])
@@ -38,7 +38,7 @@ def _split_sizes(index: GraphIndex, split: Any, width: int) -> Optional[List[int
     return [width // parts] * parts if width % parts == 0 else None
 
 
-def _merged(index: GraphIndex, node: Any) -> Optional[tuple]:
+def _merged(index: GraphIndex, node: Any) -> tuple | None:
     """(weight array, Split node, sizes) when ``node`` is a MatMul whose only reader splits its columns."""
     if node.op_type != "MatMul" or node.input[1] not in index.initializers:
         return None

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping
 
 from edgeprune.errors import ParameterError
 
-LAYER_PARTS: Dict[str, str] = {
+LAYER_PARTS: dict[str, str] = {
     "probs": "cross-attention probabilities (softmax output, [B, h, Nq, Nk])",
     "key": "input of the key projection (memory + key_pos, [B, Nk, E])",
     "value": "input of the value projection (memory, [B, Nk, E])",
     "mask": "attention mask added to the scores",
     "logits": "class logits ([B, Nq, C])",
 }
-GLOBAL_PARTS: Dict[str, str] = {
+GLOBAL_PARTS: dict[str, str] = {
     "cls_output": "graph output stacking the per-layer class logits [L, B, Nq, C]",
     "heads": "number of attention heads",
 }
@@ -41,7 +41,7 @@ class TensorSpec:
     """``TENSOR`` or ``TENSOR@NODE`` (the consumer to rewire)."""
 
     tensor: str
-    node: Optional[str] = None
+    node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,13 @@ class Overrides:
     """Parsed ``--override`` values; empty when none were given."""
 
     layers: Mapping[int, Mapping[str, TensorSpec]] = field(default_factory=dict)
-    cls_output: Optional[str] = None
-    heads: Optional[int] = None
+    cls_output: str | None = None
+    heads: int | None = None
 
     def __bool__(self) -> bool:
         return bool(self.layers) or self.cls_output is not None or self.heads is not None
 
-    def get(self, layer: int, part: str) -> Optional[TensorSpec]:
+    def get(self, layer: int, part: str) -> TensorSpec | None:
         return self.layers.get(layer, {}).get(part)
 
 
@@ -71,14 +71,14 @@ def _spec(value: str) -> TensorSpec:
     return TensorSpec(tensor, node or None)
 
 
-def parse_overrides(items: Union[Iterable[str], Mapping[str, str], "Overrides", None]) -> Overrides:
+def parse_overrides(items: Iterable[str] | Mapping[str, str] | Overrides | None) -> Overrides:
     """``["layer.0.probs=T", "heads=8"]`` or ``{"layer.0.probs": "T"}`` -> :class:`Overrides`."""
     if items is None:
         return Overrides()
     if isinstance(items, Overrides):
         return items
     pairs = list(items.items()) if isinstance(items, Mapping) else [_split(i) for i in items]
-    layers: Dict[int, Dict[str, TensorSpec]] = {}
+    layers: dict[int, dict[str, TensorSpec]] = {}
     cls_output, heads = None, None
     for key, value in pairs:
         match = _LAYER_KEY.match(key)

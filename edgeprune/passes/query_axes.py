@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from edgeprune.errors import PatternNotFoundError
 
 log = logging.getLogger(__name__)
 
-Segment = Union[tuple[int, int], int]       # (start, stop) query range, or a block of non-query entries
+Segment = tuple[int, int] | int       # (start, stop) query range, or a block of non-query entries
 
 
 class QueryAxisError(PatternNotFoundError):
@@ -313,7 +313,7 @@ class Computed:
     """Anything else (arithmetic on shape values)."""
 
 
-Origin = Union[Literal, DimOf, Computed]
+Origin = Literal | DimOf | Computed
 
 
 class ShapeValues:

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 from edgeprune.errors import InternalError, ParameterError
 
 # --method NAME -> "module:Class". Order is the order shown in --help.
-METHODS: Dict[str, str] = {
+METHODS: dict[str, str] = {
     "tggbc": "edgeprune.passes.tggbc:KeyPruningPass",
     "gpq": "edgeprune.passes.gpq:QueryPruningPass",
     "tome": "edgeprune.passes.tome:TokenMergingPass",
@@ -39,7 +39,7 @@ METHODS: Dict[str, str] = {
 }
 # --precision NAME -> "module:Class" (fp32 is the absence of a conversion). Precision passes
 # must also be constructible without arguments (``rewrite(..., precision="fp16")``).
-PRECISIONS: Dict[str, str] = {
+PRECISIONS: dict[str, str] = {
     "fp16": "edgeprune.passes.fp16:Fp16Pass",
 }
 
@@ -49,13 +49,13 @@ class Pass(Protocol):
 
     name: ClassVar[str]
     help: ClassVar[str]
-    requires: ClassVar[FrozenSet[str]]
+    requires: ClassVar[frozenset[str]]
 
     @classmethod
     def add_arguments(cls, group: Any) -> None: ...
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Pass": ...
+    def from_args(cls, args: argparse.Namespace) -> Pass: ...
 
     def apply(self, model: Any, structure: Any) -> Any: ...
 
@@ -67,14 +67,14 @@ class BasePass:
 
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
-    requires: ClassVar[FrozenSet[str]] = frozenset()
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def add_arguments(cls, group: Any) -> None:
         """No options."""
 
     @classmethod
-    def from_args(cls, args: Optional[argparse.Namespace]) -> "BasePass":
+    def from_args(cls, args: argparse.Namespace | None) -> BasePass:
         return cls()
 
     def apply(self, model: Any, structure: Any) -> Any:
@@ -107,12 +107,12 @@ def _load(spec: str) -> type:
         raise InternalError(f"pass {spec!r} is registered but cannot be loaded ({exc})") from exc
 
 
-def method_names() -> List[str]:
+def method_names() -> list[str]:
     """``--method`` choices."""
     return list(METHODS)
 
 
-def precision_names() -> List[str]:
+def precision_names() -> list[str]:
     """``--precision`` choices (fp32 = no conversion)."""
     return ["fp32"] + list(PRECISIONS)
 
@@ -123,7 +123,7 @@ def get_method(name: str) -> type:
     return _load(METHODS[name])
 
 
-def get_precision(name: str) -> Optional[type]:
+def get_precision(name: str) -> type | None:
     """The conversion pass for ``name``, or None for fp32."""
     if name == "fp32":
         return None
@@ -156,6 +156,6 @@ def add_pass_arguments(parser: argparse.ArgumentParser, names: Sequence[str] = (
         cls.add_arguments(_SharedGroup(parser, group))
 
 
-def build_passes(args: argparse.Namespace) -> List[Any]:
+def build_passes(args: argparse.Namespace) -> list[Any]:
     """Instances for ``args.method`` (and ``args.precision`` conversion options, if any)."""
     return [get_method(args.method).from_args(args)]

@@ -9,15 +9,15 @@ inputs. That keeps models above protobuf's 2 GB limit inferable and avoids copyi
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 from edgeprune import _lazy
 
 log = logging.getLogger(__name__)
 
-Dim = Union[int, str, None]          # int = static size, str = symbolic name, None = unknown
-Shape = Tuple[Dim, ...]
-Shapes = Dict[str, Shape]
+Dim = int | str | None          # int = static size, str = symbolic name, None = unknown
+Shape = tuple[Dim, ...]
+Shapes = dict[str, Shape]
 
 # Initializers larger than this are weights, never shape tensors; inference sees only their type.
 _LIGHT_BYTES = 64 * 1024
@@ -49,7 +49,7 @@ def light_model(model: Any) -> Any:
     return light
 
 
-def _shape_of(value_info: Any) -> Optional[Shape]:
+def _shape_of(value_info: Any) -> Shape | None:
     kind = value_info.type.WhichOneof("value")
     if kind != "tensor_type" or not value_info.type.tensor_type.HasField("shape"):
         return None
@@ -64,7 +64,7 @@ def _shape_of(value_info: Any) -> Optional[Shape]:
     return tuple(dims)
 
 
-def _run_inference(light: Any) -> Tuple[Shapes, Dict[str, int]]:
+def _run_inference(light: Any) -> tuple[Shapes, dict[str, int]]:
     """(shapes, element types) of every tensor ONNX shape inference can type."""
     onnx = _lazy.require("onnx")
     try:
@@ -74,7 +74,7 @@ def _run_inference(light: Any) -> Tuple[Shapes, Dict[str, int]]:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     graph = inferred.graph
     shapes: Shapes = {}
-    types: Dict[str, int] = {}
+    types: dict[str, int] = {}
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
         shape = _shape_of(info)
         if shape is not None:
@@ -86,7 +86,7 @@ def _run_inference(light: Any) -> Tuple[Shapes, Dict[str, int]]:
     return shapes, types
 
 
-def _mha_output(node: Any, shapes: Shapes) -> Optional[Shape]:
+def _mha_output(node: Any, shapes: Shapes) -> Shape | None:
     """com.microsoft.MultiHeadAttention: [B, Sq, v_hidden] from query [B, Sq, *] and value."""
     query = shapes.get(node.input[0])
     value = shapes.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -102,7 +102,7 @@ def _mha_output(node: Any, shapes: Shapes) -> Optional[Shape]:
 _CONTRIB_RULES = {("com.microsoft", "MultiHeadAttention"): _mha_output}
 
 
-def _contrib_value_infos(light: Any, shapes: Shapes, types: Dict[str, int]) -> list:
+def _contrib_value_infos(light: Any, shapes: Shapes, types: dict[str, int]) -> list:
     onnx = _lazy.require("onnx")
     added = []
     for node in light.graph.node:
@@ -133,7 +133,7 @@ def infer_shapes(model: Any) -> Shapes:
     return shapes
 
 
-def is_static(shape: Optional[Shape]) -> bool:
+def is_static(shape: Shape | None) -> bool:
     """True when every dimension of ``shape`` is a known integer."""
     return shape is not None and all(isinstance(d, int) for d in shape)
 

@@ -349,7 +349,8 @@ class TokenMergingPass(KeyReductionPass):
         r, n = key_counts_from_args(args, "tome", "keys merged in total", "--r 2000 --n 2")
         for option in ("k", "class_reduce", "no_class_score", "tensorrt"):
             if getattr(args, option, None):
-                raise ParameterError(f"--{option.replace('_', '-')} is a tgGBC option; --method tome takes --r and --n")
+                flag = f"--{option.replace('_', '-')}"
+                raise ParameterError(f"{flag} is a tgGBC option; --method tome takes --r and --n")
         return cls(r=r, n=n)
 
     def apply(self, model: Any, structure: DecoderStructure) -> Any:

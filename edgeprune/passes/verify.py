@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -35,10 +35,10 @@ class OutputDrift:
     """One output compared: ``max_rel`` is max |a - b| over max |a| (the output's scale)."""
 
     name: str
-    shape_before: Tuple[int, ...]
-    shape_after: Optional[Tuple[int, ...]]
-    max_abs: Optional[float]         # None: not comparable (shape changed or output missing)
-    max_rel: Optional[float]
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...] | None
+    max_abs: float | None         # None: not comparable (shape changed or output missing)
+    max_rel: float | None
     exact: bool
     nonfinite: int = 0               # NaN/inf entries in the rewritten output where the input model has none
 
@@ -55,7 +55,7 @@ class OutputDrift:
 class VerifyReport:
     """Drift of every output of the input model, in output order."""
 
-    outputs: Tuple[OutputDrift, ...]
+    outputs: tuple[OutputDrift, ...]
     inputs: str                      # "random (seed 0)" or the file / "given"
 
     @property
@@ -63,7 +63,7 @@ class VerifyReport:
         return all(o.exact for o in self.outputs)
 
     @property
-    def max_abs(self) -> Optional[float]:
+    def max_abs(self) -> float | None:
         values = [o.max_abs for o in self.outputs if o.max_abs is not None]
         return max(values) if values else None
 
@@ -71,7 +71,7 @@ class VerifyReport:
         return [f"  {o.describe()}" for o in self.outputs]
 
 
-def ort_errors() -> Tuple[type, ...]:
+def ort_errors() -> tuple[type, ...]:
     """ONNX Runtime's exception types (they derive from Exception directly)."""
     state = _lazy.require("onnxruntime.capi.onnxruntime_pybind11_state")
     names = ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NoModel", "RuntimeException",
@@ -88,14 +88,14 @@ def session(path: str | os.PathLike) -> Any:
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
-def _concrete(shape: Any) -> Tuple[int, ...]:
+def _concrete(shape: Any) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in shape)   # a static 0 stays 0
 
 
-def random_inputs(sess: Any, seed: int = 0, given: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+def random_inputs(sess: Any, seed: int = 0, given: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Feeds for ``sess``: ``given`` arrays where their shape fits, seeded values otherwise."""
     rng = np.random.default_rng(seed)
-    feeds: Dict[str, np.ndarray] = {}
+    feeds: dict[str, np.ndarray] = {}
     for meta in sess.get_inputs():
         dtype = _NUMPY_TYPES.get(meta.type)
         if dtype is None:
@@ -111,11 +111,11 @@ def random_inputs(sess: Any, seed: int = 0, given: Optional[Mapping[str, np.ndar
     return feeds
 
 
-def _fits(shape: Tuple[int, ...], declared: Any) -> bool:
+def _fits(shape: tuple[int, ...], declared: Any) -> bool:
     return len(shape) == len(declared) and all(not isinstance(d, int) or d == s for s, d in zip(shape, declared))
 
 
-def load_inputs(path: str | os.PathLike) -> Dict[str, np.ndarray]:
+def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` file by name."""
     p = Path(path)
     if not p.is_file():
@@ -127,7 +127,7 @@ def load_inputs(path: str | os.PathLike) -> Dict[str, np.ndarray]:
         raise InvalidModelError(f"cannot read inputs {p} ({exc}); expected an .npz written by numpy.savez") from exc
 
 
-def _drift(name: str, ref: np.ndarray, got: Optional[np.ndarray]) -> OutputDrift:
+def _drift(name: str, ref: np.ndarray, got: np.ndarray | None) -> OutputDrift:
     if got is None or got.shape != ref.shape:
         return OutputDrift(name, ref.shape, None if got is None else got.shape, None, None, False)
     a, b = ref.astype(np.float64), got.astype(np.float64)
@@ -142,7 +142,7 @@ def _drift(name: str, ref: np.ndarray, got: Optional[np.ndarray]) -> OutputDrift
 
 
 def compare_models(before: str | os.PathLike, after: str | os.PathLike, *, seed: int = 0,
-                   inputs: Optional[Mapping[str, np.ndarray]] = None, label: Optional[str] = None) -> VerifyReport:
+                   inputs: Mapping[str, np.ndarray] | None = None, label: str | None = None) -> VerifyReport:
     """Run both models (paths) on the same inputs; drift of each output of ``before``."""
     s_before, s_after = session(before), session(after)
     feeds = random_inputs(s_before, seed, inputs)
