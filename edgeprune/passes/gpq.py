@@ -16,63 +16,31 @@ ranking on calibration inputs), the pass
 
 The op list is unchanged: only constants and shapes change, so the result computes exactly
 ``head(..., query_indices=kept)`` (= ``head.select_queries(kept)``) with a smaller static graph.
+Reading keep-index files and calibration inputs, and the one-shot ranking, are
+:mod:`edgeprune.passes.gpq_inputs` (re-exported here).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from edgeprune import _lazy
-from edgeprune.errors import InvalidModelError, ModelNotFoundError, ParameterError
+from edgeprune.errors import InvalidModelError, ParameterError
 from edgeprune.passes import query_axes as qx
+# Where the kept indices come from (files, calibration inputs, one-shot ranking in ORT); these
+# names stay importable from here: the pass's public API.
+from edgeprune.passes.gpq_inputs import (OUTPUT_NAMES, calibration_samples, io_shape, load_calibration,  # noqa: F401
+                                         load_keep_indices, query_scores_onnx, rank_queries_one_shot,
+                                         save_keep_indices)
 from edgeprune.passes.query_axes import AxisLabel, DimOf, Literal, QueryAxes, QueryAxisError
 from edgeprune.passes.registry import BasePass
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ("all_cls_scores", "all_bbox_preds")      # [L, B, Nq, C|code]
 PROPAGATED_INPUTS = ("prev_query", "prev_ref")           # [B, P, E], [B, P, 3]
-
-
-# ----------------------------------------------------------------------------- keep-index files
-def save_keep_indices(path: str | os.PathLike, indices: Sequence[int]) -> Path:
-    """Write kept ORIGINAL query indices as ``.npy`` (int64) or JSON (any other suffix), atomically."""
-    from edgeprune.io import atomic_path
-    values = sorted(int(i) for i in indices)
-    target = Path(path)
-    with atomic_path(target, suffix=target.suffix) as tmp:
-        if target.suffix == ".npy":
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(values, dtype=np.int64))
-        else:
-            tmp.write_text(json.dumps(values) + "\n")
-    return target
-
-
-def load_keep_indices(path: str | os.PathLike) -> list[int]:
-    """Read a JSON list or a 1-D integer ``.npy`` of kept query indices (original numbering)."""
-    source = Path(path)
-    if not source.is_file():
-        raise ModelNotFoundError(f"keep-indices file {source} does not exist; write it with "
-                                 "edgeprune.passes.gpq.save_keep_indices(path, pruner.kept_indices)")
-    try:
-        if source.suffix == ".npy":
-            raw = np.load(source, allow_pickle=False)
-        else:
-            raw = np.asarray(json.loads(source.read_text()))
-    except (ValueError, OSError) as exc:
-        raise ParameterError(f"cannot read keep-indices file {source} ({exc}); expected a JSON list of "
-                             "integers or a 1-D integer .npy") from exc
-    if raw.ndim != 1 or raw.size == 0 or not np.issubdtype(raw.dtype, np.integer):
-        raise ParameterError(f"keep-indices file {source} must hold a non-empty 1-D list of integers "
-                             f"(got {raw.dtype} array of shape {list(raw.shape)})")
-    return [int(i) for i in raw]
 
 
 # ----------------------------------------------------------------------------- the query space
@@ -109,14 +77,6 @@ class QuerySpace:
         return uniq
 
 
-def _shape_of(model: Any, name: str) -> tuple[int, ...] | None:
-    for vi in list(model.graph.input) + list(model.graph.output):
-        if vi.name == name:
-            dims = vi.type.tensor_type.shape.dim
-            return tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims)
-    return None
-
-
 def _map_seeds(dmap: Any, nq: int, nl: int) -> list[tuple[str, int, int, int]]:
     """Seeds from the exporter's decoder map: layer logits [B, Nq, C] and recorded query constants."""
     seeds = [(layer.logits.name, 1, 0, nq) for layer in dmap.layers
@@ -149,8 +109,8 @@ def resolve_query_space(model: Any, structure: Any = None) -> QuerySpace:
     """
     from edgeprune.export.decoder_map import read_decoder_map
     dmap = read_decoder_map(model)
-    outputs = {name: _shape_of(model, name) for name in OUTPUT_NAMES}
-    prop = {name: shape for name in PROPAGATED_INPUTS for shape in [_shape_of(model, name)] if shape is not None}
+    outputs = {name: io_shape(model, name) for name in OUTPUT_NAMES}
+    prop = {name: shape for name in PROPAGATED_INPUTS for shape in [io_shape(model, name)] if shape is not None}
     num_prop = _prop_count(prop)
     nq, nl = _query_counts(dmap, structure, outputs[OUTPUT_NAMES[0]], num_prop)
     if prop and nq - nl != num_prop:
@@ -615,101 +575,6 @@ def _update_decoder_map(model: Any, qa: QueryAxes, kept: np.ndarray, learned: in
     dm.write_decoder_map(model, replace(dmap, num_queries=len(kept), num_learned_queries=learned, layers=layers,
                                         memory=ref(dmap.memory), key_pos=ref(dmap.key_pos),
                                         key_padding_mask=ref(dmap.key_padding_mask), query_tensors=queries))
-
-
-# ----------------------------------------------------------------------------- running models
-def _session(model: Any) -> Any:
-    """An ORT CPU session on an in-memory model."""
-    ort = _lazy.require("onnxruntime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if model.ByteSize() >= 2**31 - 2**26:
-        raise ParameterError("the model is too large (> 2 GB) to run in memory for GPQ calibration; "
-                             "rank the queries with the torch GPQPruner and pass --keep-indices")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _graph_feeds(model: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Graph inputs that are not initializers: name -> (static shape, numpy dtype)."""
-    onnx = _lazy.require("onnx")
-    inits = {t.name for t in model.graph.initializer}
-    return {vi.name: (_shape_of(model, vi.name) or (),
-                      onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-            for vi in model.graph.input if vi.name not in inits}
-
-
-def calibration_samples(model: Any, calib: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Split calibration arrays into feeds: each array is one input ``[B, ...]`` or ``[S, B, ...]``."""
-    declared = _graph_feeds(model)
-    missing, extra = sorted(set(declared) - set(calib)), sorted(set(calib) - set(declared))
-    if missing or extra:
-        wanted = ", ".join(f"{n} {list(s)}" for n, (s, _) in declared.items())
-        raise ParameterError(f"calibration inputs must name exactly the model inputs ({wanted}); "
-                             f"missing {missing}, unknown {extra}")
-    counts = {}
-    for name, (shape, _) in declared.items():
-        arr_shape = tuple(np.shape(calib[name]))
-        if arr_shape == shape:
-            counts[name] = 0
-        elif arr_shape[1:] == shape and arr_shape[0] > 0:
-            counts[name] = arr_shape[0]
-        else:
-            raise ParameterError(f"calibration array {name!r} has shape {list(arr_shape)}; the model takes "
-                                 f"{list(shape)} (one sample) or [S, {', '.join(map(str, shape))}] (S samples)")
-    num = set(counts.values()) - {0}
-    if len(num) > 1:
-        raise ParameterError(f"calibration arrays disagree on the number of samples: {counts}")
-    total = num.pop() if num else 1
-    return [{name: np.asarray(calib[name] if counts[name] == 0 else calib[name][i]).astype(dtype, copy=False)
-             for name, (_, dtype) in declared.items()} for i in range(total)]
-
-
-def query_scores_onnx(model: Any, calib: Mapping[str, np.ndarray]) -> np.ndarray:
-    """GPQ's query score on calibration inputs, computed by running the graph in ONNX Runtime.
-
-    Score = the last layer's class logits (``all_cls_scores[-1]``, [B, Nq, C]) max over classes,
-    mean over the batch and over the calibration samples (``edgeprune.methods.gpq.query_scores``).
-    Returns [Nq] float64.
-    """
-    if _shape_of(model, OUTPUT_NAMES[0]) is None:
-        raise InvalidModelError(f"one-shot ranking reads the output {OUTPUT_NAMES[0]!r} [L, B, Nq, C], which this "
-                                "graph does not have; rank with the torch GPQPruner and pass --keep-indices")
-    sess = _session(model)
-    scores = []
-    for feed in calibration_samples(model, calib):
-        last = sess.run([OUTPUT_NAMES[0]], feed)[0][-1]                         # [B, Nq, C]
-        scores.append(last.astype(np.float64).max(axis=-1).mean(axis=0))        # [Nq]
-    return np.mean(scores, axis=0)
-
-
-def rank_queries_one_shot(model: Any, calib: Mapping[str, np.ndarray], keep: int,
-                          space: QuerySpace | None = None) -> list[int]:
-    """Keep the ``keep`` queries with the highest calibration score; ORIGINAL indices, ascending.
-
-    Logs ``edgeprune.methods.gpq.ONE_SHOT_WARNING``: fine-tuning with GPQPruner is better.
-    """
-    from edgeprune.methods.gpq import ONE_SHOT_WARNING
-    space = space or resolve_query_space(model)
-    if not 0 < keep <= space.num_queries:
-        raise ParameterError(f"--keep-queries must be in [1, {space.num_queries}] for this graph "
-                             f"({space.num_queries} queries); got {keep}")
-    log.warning("%s", ONE_SHOT_WARNING)
-    scores = query_scores_onnx(model, calib)
-    order = np.argsort(-scores, kind="stable")[:keep]
-    return sorted(int(i) for i in order)
-
-
-def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Arrays of an ``.npz`` by input name."""
-    source = Path(path)
-    if not source.is_file():
-        raise ModelNotFoundError(f"calibration file {source} does not exist; give an .npz with one array per "
-                                 "model input ([B, ...] or [S, B, ...])")
-    try:
-        with np.load(source, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ParameterError(f"cannot read calibration inputs {source} ({exc}); expected numpy.savez output") from exc
 
 
 # ----------------------------------------------------------------------------- the registered pass
