@@ -10,7 +10,10 @@ Pipeline of ``edgeprune rewrite`` (``driver.rewrite``)::
 Modules: ``structure`` (the records discovery returns; the contract passes read),
 ``discovery``, ``attention_match`` (attention patterns), ``matching`` (GraphIndex,
 ``match_parent_path``), ``shapes`` (static shape inference), ``overrides``, ``registry``,
-``driver``, ``verify``, ``flops``, and one module per pass.
+``driver``, ``verify``, ``flops``, and one module per pass. Shared by the key-reducing
+passes (tgGBC, ToMe): ``graph_edit`` (adding named nodes with onnx-graphsurgeon) and
+``key_feed`` (feeding later layers the reduced keys, their ``--r``/``--n``); GPQ's inputs
+(keep-index files, calibration, one-shot ranking): ``gpq_inputs``.
 
 Nothing here imports onnx or torch at import time.
 """

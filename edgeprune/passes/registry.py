@@ -7,8 +7,9 @@ A pass is a class with
   ``{"probs", "key", "value", "mask", "logits"}`` (the driver checks them and names the
   ``--override`` that supplies a missing one before the pass runs);
 - ``add_arguments(group)`` (classmethod): its command-line options. Options shared by several
-  passes (``--r``, ``--n``) are defined by whichever pass registers first, so give them
-  ``default=None`` and the same meaning; validate in ``from_args``;
+  passes (``--r``, ``--n``: one definition, ``key_feed.add_key_count_arguments``) are added
+  by whichever pass registers first, so give them ``default=None`` and the same meaning;
+  validate in ``from_args``;
 - ``from_args(args)`` (classmethod): an instance from parsed arguments (raise ParameterError
   for out-of-range values);
 - ``apply(model, structure) -> onnx.ModelProto``: the rewrite. It may edit ``model`` in place
