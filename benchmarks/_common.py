@@ -67,7 +67,7 @@ def git_state() -> Dict[str, Any]:
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else "?"
+        return done.stdout.rstrip() if done.returncode == 0 else "?"   # keep status lines' leading space
 
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "edgeprune").splitlines()]
     return {"head": git("rev-parse", "--short", "HEAD"), "dirty_package_files": dirty}
