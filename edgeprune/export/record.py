@@ -157,6 +157,40 @@ def eliminate_common_subexpressions(graph: Any) -> dict[str, str]:
     return rename
 
 
+def _static_target(graph: Any, node: Any) -> bool:
+    """A Reshape whose target is a constant without 0 entries (0 would copy an input dim)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    target = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if target is None:
+        return False
+    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+    return allowzero or bool((numpy_helper.to_array(target) != 0).all())
+
+
+def reanchor_reshapes(graph: Any, names: Sequence[str]) -> int:
+    """Make Reshapes read the recorded tensor again where onnxsim fused them past it.
+
+    onnxsim turns ``Reshape(Reshape(x, s1), s2)`` into ``Reshape(x, s2)``; when the inner
+    Reshape produces a recorded tensor T (e.g. ``memory`` [B, Nk, E] whose flattened copy
+    [B*Nk, E] feeds a value projection), the projection then reads ``x`` (e.g. [B, 6, hw, E]),
+    which has no key axis for a pass to gather. Reading T instead computes the same values.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    count = 0
+    for name in names:
+        inner = producer.get(name)
+        if inner is None or inner.op_type != "Reshape":
+            continue
+        for node in graph.node:
+            if (node is not inner and node.op_type == "Reshape" and node.input[0] == inner.input[0]
+                    and _static_target(graph, node)):
+                node.input[0] = name
+                count += 1
+    return count
+
+
 def demote_outputs(model: Any, names: Sequence[str]) -> dict[str, str | None]:
     """Remove graph outputs ``names``; return ``{name: tensor now holding it, or None}``.
 
@@ -170,10 +204,11 @@ def demote_outputs(model: Any, names: Sequence[str]) -> dict[str, str | None]:
     graph.output.extend(kept)
     live = live_node_ids(graph)
     resolved = {name: _resolve(name, graph, live) for name in names}
+    reanchored = reanchor_reshapes(graph, [real for real in resolved.values() if real])
     removed = remove_dead_nodes(graph)
     rename = eliminate_common_subexpressions(graph)
-    log.debug("demoted %d extra outputs, removed %d nodes only they needed, merged %d duplicates",
-              len(names), removed, len(rename))
+    log.debug("demoted %d extra outputs, re-anchored %d reshapes, removed %d nodes only they needed, "
+              "merged %d duplicates", len(names), reanchored, removed, len(rename))
     return {name: (rename.get(real, real) if real else None) for name, real in resolved.items()}
 
 
