@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import numpy as np
 import onnx
@@ -14,19 +13,6 @@ import handwritten_decoder as hd
 from edgeprune.cli.main import main
 from edgeprune.passes.discovery import discover
 from edgeprune.passes.shapes import infer_shapes
-
-
-@pytest.fixture(autouse=True)
-def _cli_logging() -> Iterator[None]:
-    """main() installs a stderr log handler once per process; bind it to this test's stderr.
-
-    A handler left by an earlier test writes to that test's (closed) capture stream.
-    """
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers[:] = []
-    yield
-    root.handlers[:] = saved
 
 
 def inspect_json(capsys: pytest.CaptureFixture, *argv: str) -> Dict[str, Any]:

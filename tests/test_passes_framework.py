@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -25,19 +24,6 @@ from edgeprune.passes import driver, flops, normalize, registry
 from edgeprune.passes.discovery import discover
 from edgeprune.passes.registry import BasePass, IdentityPass
 from edgeprune.passes.verify import compare_models, load_inputs
-
-
-@pytest.fixture(autouse=True)
-def _cli_logging() -> Iterator[None]:
-    """main() installs a stderr log handler once per process; bind it to this test's stderr.
-
-    A handler left by an earlier test writes to that test's (closed) capture stream.
-    """
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers[:] = []
-    yield
-    root.handlers[:] = saved
 
 
 # ---------------------------------------------------------------- test passes
