@@ -40,11 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, nargs="+", default=[300, 150], help="kept query counts (default 300 150)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
-    p.add_argument("--repeats", type=int, default=30, help="timed runs per model (default 30)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop timing after S seconds")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--out", type=Path, default=c.RESULTS, help="directory for the .json and .md results")
+    c.add_timing_arguments(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 1 warm-up, 5 rounds, 900 -> 300")
     args = p.parse_args(argv)
     if args.quick:

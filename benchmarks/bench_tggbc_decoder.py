@@ -35,11 +35,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=21000)
     p.add_argument("--n", type=int, default=2)
     p.add_argument("--k", type=int, default=175)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=30, help="timed runs per model (upper bound with --time-budget)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop timing after S seconds")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--out", type=Path, default=c.RESULTS, help="directory for the JSON and markdown results")
+    c.add_timing_arguments(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 2 warm-up + 5 timed runs")
     args = p.parse_args(argv)
     if args.quick:

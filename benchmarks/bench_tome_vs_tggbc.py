@@ -40,11 +40,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=2000, help="keys removed in total (default 2000)")
     p.add_argument("--n", type=int, nargs="+", default=[1, 2], help="pruning/merging layers (default: 1 2)")
     p.add_argument("--k", type=int, default=175, help="tgGBC top queries (default 175)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=30, help="interleaved rounds (timed runs per model)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop timing after S seconds")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--out", type=Path, default=c.RESULTS, help="directory for the .json and .md results")
+    c.add_timing_arguments(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 5 rounds")
     args = p.parse_args(argv)
     if args.quick:

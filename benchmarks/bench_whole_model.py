@@ -47,12 +47,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=2, help="pruning layers (default 2)")
     p.add_argument("--k", type=int, default=175, help="top queries for the importance (default 175)")
     p.add_argument("--precision", choices=("fp32", "fp16", "both"), default="both")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=20, help="interleaved rounds (timed runs per model)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop timing after S seconds")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    c.add_timing_arguments(p, warmup=2, repeats=20)
     p.add_argument("--onnxsim", action="store_true", help="simplify the export with onnxsim (see above)")
-    p.add_argument("--out", type=Path, default=c.RESULTS, help="directory for the .json and .md results")
     p.add_argument("--quick", action="store_true", help="focalpetr-r18-704x256, 1 warm-up, 5 rounds")
     args = p.parse_args(argv)
     if args.quick:
