@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from edgeprune.devices.connect import connect, home_relative, remote_join
 from edgeprune.devices.profile import DeviceProfile
@@ -46,6 +46,7 @@ from edgeprune.errors import DeviceError, InternalError
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+_T = TypeVar("_T")
 
 AGENT_PATH = Path(__file__).resolve().with_name("agent.py")
 POLL_S = 0.02
@@ -274,14 +275,18 @@ class SshRunner:
         self.uploads.append(digest)
         return target
 
-    def _remote_size(self, path: str) -> int | None:
+    def _unless_missing(self, what: str, op: Callable[[], _T], default: _T) -> _T:
+        """Run an SFTP ``op`` under ``_guard``; a remote path that does not exist gives ``default``."""
         try:
-            with self._guard(f"checking {path}"):
-                return self._sftp.stat(path).st_size
+            with self._guard(what):
+                return op()
         except DeviceError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
-                return None
+                return default
             raise
+
+    def _remote_size(self, path: str) -> int | None:
+        return self._unless_missing(f"checking {path}", lambda: self._sftp.stat(path).st_size, None)
 
     def _write_text(self, path: str, text: str) -> None:
         with self._guard(f"writing {path}"):
@@ -400,14 +405,13 @@ class SshRunner:
 
     def _read_result(self, res_path: str, completed: CommandResult) -> dict[str, Any]:
         """The agent's JSON, or a DeviceError explaining why there is none."""
-        try:
-            with self._guard(f"reading {res_path}"):
-                with self._sftp.open(res_path, "r") as f:
-                    raw = f.read()
-        except DeviceError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError):
-                raise
-            raise self._no_result_error(completed) from None
+        def read() -> bytes:
+            with self._sftp.open(res_path, "r") as f:
+                return f.read()
+
+        raw = self._unless_missing(f"reading {res_path}", read, None)
+        if raw is None:
+            raise self._no_result_error(completed)
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -529,22 +533,11 @@ class SshRunner:
                         raise
 
     def _listdir(self, path: str) -> list[str]:
-        try:
-            with self._guard(f"listing {path}"):
-                return self._sftp.listdir(path)
-        except DeviceError as exc:
-            if isinstance(exc.__cause__, FileNotFoundError):
-                return []
-            raise
+        return self._unless_missing(f"listing {path}", lambda: self._sftp.listdir(path), [])
 
     def _remove_files(self, paths: list[str]) -> None:
         for path in paths:
-            try:
-                with self._guard(f"removing {path}"):
-                    self._sftp.remove(path)
-            except DeviceError as exc:
-                if not isinstance(exc.__cause__, FileNotFoundError):
-                    raise
+            self._unless_missing(f"removing {path}", lambda: self._sftp.remove(path), None)
 
     def _remove_after_error(self, paths: list[str]) -> None:
         """Best-effort removal while another error propagates (that one is the one to report)."""
@@ -558,12 +551,7 @@ class SshRunner:
     def _remove_tree(self, path: str) -> None:
         """Remove a flat directory (the session dir or the model cache) and its files."""
         self._remove_files([remote_join(path, name) for name in self._listdir(path)])
-        try:
-            with self._guard(f"removing {path}"):
-                self._sftp.rmdir(path)
-        except DeviceError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError):
-                raise
+        self._unless_missing(f"removing {path}", lambda: self._sftp.rmdir(path), None)
 
 
 def _size_text(size: int) -> str:
