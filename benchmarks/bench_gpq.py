@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import _common as c                                                     # puts the checkout on sys.path
-from edgeprune.passes.flops import DecoderSizes, decoder_flops          # noqa: E402
+from edgeprune.report.flops import DecoderSizes, decoder_flops          # noqa: E402
 
 log = logging.getLogger("bench_gpq")
 PAPER_SPLIT = (236, 64)          # GPQ paper, StreamPETR 900 -> 300: learned, propagated kept
@@ -65,7 +65,7 @@ def kept_indices(scores: np.ndarray, keep: int, num_learned: int, num_propagated
 
 
 def flops(cfg: Any, num_keys: int, queries: int, batch: int) -> int:
-    """Decoder FLOPs (cross + self attention + FFN, edgeprune.passes.flops) with ``queries`` queries."""
+    """Decoder FLOPs (cross + self attention + FFN, edgeprune.report.flops) with ``queries`` queries."""
     memory = max(cfg.memory_len - cfg.num_propagated, 0) if cfg.memory_len else 0
     sizes = DecoderSizes(cfg.num_layers, queries, num_keys, cfg.embed_dims, cfg.num_heads, batch,
                          self_keys=(queries + memory,) * cfg.num_layers, ffn_dims=cfg.ffn_dims)
@@ -78,7 +78,7 @@ def build_models(args: argparse.Namespace, tmp: Path) -> tuple[list[Path], dict[
 
     from edgeprune.export.exporter import export_onnx
     from edgeprune.models.build import build_model
-    from edgeprune.passes import gpq
+    from edgeprune.passes.queries import gpq
     from edgeprune.passes.driver import rewrite
 
     model = build_model(args.preset, "decoder", num_layers=args.layers)

@@ -47,7 +47,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def export_pair(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     """Export the decoder and rewrite it with tgGBC; returns paths and timings."""
     from edgeprune.methods.tggbc import TgGBCConfig
-    from edgeprune.passes.tggbc import KeyPruningPass
+    from edgeprune.passes.keys.tggbc import KeyPruningPass
 
     base, pruned = work / "decoder.onnx", work / "decoder-tggbc.onnx"
     _, exported = c.export_model(args.preset, "decoder", base, layers=args.layers, exporter=args.exporter,
@@ -57,7 +57,7 @@ def export_pair(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
 
 
 def flops_estimate(path: Path, args: argparse.Namespace) -> Dict[str, Any]:
-    from edgeprune.passes.describe import describe_model
+    from edgeprune.report.describe import describe_model
 
     est = describe_model(path, r=args.r, n=args.n, k=args.k).estimate
     return {"keys_per_layer": [layer.num_keys for layer in est.after.layers], "gflops_before": est.before.total / 1e9,

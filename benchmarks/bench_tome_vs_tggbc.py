@@ -51,8 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     """Export the decoder, write one tgGBC and one ToMe rewrite per n; returns paths and facts."""
     from edgeprune.methods.tggbc import TgGBCConfig, schedule
-    from edgeprune.passes.tggbc import KeyPruningPass
-    from edgeprune.passes.tome import TokenMergingPass
+    from edgeprune.passes.keys.tggbc import KeyPruningPass
+    from edgeprune.passes.keys.tome import TokenMergingPass
 
     model, exported = c.export_model(args.preset, "decoder", work / "unpruned.onnx", layers=args.layers)
     cfg, num_keys = model.head.cfg, model.preset.num_keys

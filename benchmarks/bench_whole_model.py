@@ -65,7 +65,7 @@ def default_r(num_keys: int) -> int:
 def build(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     """Export the detector and write its tgGBC and fp16 variants; returns paths, inputs, timings."""
     from edgeprune.methods.tggbc import TgGBCConfig
-    from edgeprune.passes.tggbc import KeyPruningPass
+    from edgeprune.passes.keys.tggbc import KeyPruningPass
 
     model, exported = c.export_model(args.preset, "full", work / "base-fp32.onnx", simplify=args.onnxsim)
     args.r = default_r(model.preset.num_keys) if args.r is None else args.r
@@ -85,7 +85,7 @@ def build(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
 
 
 def decoder_flops(path: Path, args: argparse.Namespace) -> Dict[str, Any]:
-    from edgeprune.passes.describe import describe_model
+    from edgeprune.report.describe import describe_model
 
     est = describe_model(path, r=args.r, n=args.n, k=args.k).estimate
     return {"keys_per_layer": [layer.num_keys for layer in est.after.layers], "gflops_before": est.before.total / 1e9,

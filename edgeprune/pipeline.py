@@ -86,7 +86,7 @@ def _rewrite(src: Path, dst: Path, name: str, how: str, passes: list, precision:
 
 def _tggbc(opts: DemoOptions, base: Path) -> Artifact:
     from edgeprune.methods.tggbc import TgGBCConfig
-    from edgeprune.passes.tggbc import KeyPruningPass
+    from edgeprune.passes.keys.tggbc import KeyPruningPass
 
     log.info("[2/4] tgGBC key pruning r=%d n=%d k=%d", opts.r, opts.n, opts.k)
     return _rewrite(base, opts.out_dir / "decoder_tggbc.onnx", "tggbc",
@@ -95,7 +95,7 @@ def _tggbc(opts: DemoOptions, base: Path) -> Artifact:
 
 
 def _gpq(opts: DemoOptions, base: Path, model: object) -> Artifact:
-    from edgeprune.passes.gpq import QueryPruningPass
+    from edgeprune.passes.queries.gpq import QueryPruningPass
 
     log.info("[3/4] GPQ query shrinking to %d queries (one-shot ranking on seeded random inputs)",
              opts.keep_queries)

@@ -11,8 +11,8 @@ import pytest
 
 import handwritten_decoder as hd
 from edgeprune.cli.main import main
-from edgeprune.passes.discovery import discover
-from edgeprune.passes.shapes import infer_shapes
+from edgeprune.passes.discovery.discover import discover
+from edgeprune.graph.shapes import infer_shapes
 
 
 def inspect_json(capsys: pytest.CaptureFixture, *argv: str) -> Dict[str, Any]:

@@ -21,9 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import handwritten_decoder as hd
 from edgeprune.errors import PatternNotFoundError
-from edgeprune.passes.discovery import discover, require_parts
-from edgeprune.passes.matching import GraphIndex, match_parent_path
-from edgeprune.passes.structure import DecoderStructure, ProjectionInput
+from edgeprune.passes.discovery.discover import discover, require_parts
+from edgeprune.graph.index import GraphIndex, match_parent_path
+from edgeprune.passes.discovery.structure import DecoderStructure, ProjectionInput
 
 VARIANTS = [(f, e, s) for f in hd.FLAVOURS for e in hd.EXPORTERS for s in (False, True)]
 

@@ -1,4 +1,4 @@
-"""fp16 conversion (``edgeprune.passes.fp16``) of exported decoders, plain and rewritten, on ONNX Runtime CPU.
+"""fp16 conversion (``edgeprune.passes.precision.fp16``) of exported decoders, plain and rewritten, on ONNX Runtime CPU.
 
 The oracle is the fp32 model on the same random inputs: the fp16 model must stay within
 ``FP16_ABS_TOLERANCE`` (``FP16_PRUNED_ABS_TOLERANCE`` after tgGBC / ToMe) on
@@ -25,9 +25,9 @@ from edgeprune.cli.main import main
 from edgeprune.errors import InvalidModelError
 from edgeprune.methods.tggbc import TgGBCConfig
 from edgeprune.models.config import DecoderConfig, ModelPreset
-from edgeprune.passes import fp16
+from edgeprune.passes.precision import fp16
 from edgeprune.passes.driver import rewrite
-from edgeprune.passes.tggbc import KeyPruningPass
+from edgeprune.passes.keys.tggbc import KeyPruningPass
 
 TOL, PRUNED_TOL = fp16.FP16_ABS_TOLERANCE, fp16.FP16_PRUNED_ABS_TOLERANCE
 PRESET, LAYERS = "streampetr-r50-704x256", 3          # 4224 keys; shared with the tgGBC/GPQ/ToMe tests
@@ -128,7 +128,7 @@ def test_tggbc_subgraph_stays_fp32_and_keeps_the_same_keys(tmp_path: Path, caplo
     src = exported_decoder(PRESET, "dynamo", 2, LAYERS)
     cfg = TgGBCConfig(r=3000, n=2, k=0)                              # drops [1500, 1500, 0]
     rewrite(src, tmp_path / "p32.onnx", [KeyPruningPass(cfg)], verify=False)
-    with caplog.at_level(logging.INFO, logger="edgeprune.passes.fp16"):
+    with caplog.at_level(logging.INFO, logger="edgeprune.passes.precision.fp16"):
         rewrite(src, tmp_path / "p16.onnx", [KeyPruningPass(cfg)], precision="fp16", verify=False)
     reported = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fp16 vs fp32 graph")]
     assert len(reported) == 2                                       # the deviation of each output is reported

@@ -20,8 +20,10 @@ import handwritten_decoder as hd
 from edgeprune.cli.main import main
 from edgeprune.errors import InternalError, InvalidModelError, ModelNotFoundError, ParameterError, \
     PatternNotFoundError
-from edgeprune.passes import driver, flops, normalize, registry
-from edgeprune.passes.discovery import discover
+from edgeprune.passes import driver, registry
+from edgeprune.passes.discovery import normalize
+from edgeprune.report import flops
+from edgeprune.passes.discovery.discover import discover
 from edgeprune.passes.registry import BasePass, IdentityPass
 from edgeprune.passes.verify import compare_models, load_inputs
 

@@ -34,8 +34,9 @@ from edgeprune.errors import ModelNotFoundError, ParameterError
 from edgeprune.methods import gpq as gpq_methods
 from edgeprune.models.config import DecoderConfig
 from edgeprune.models.decoder import PETRHead
-from edgeprune.passes import gpq, registry
-from edgeprune.passes.query_axes import QueryAxisError
+from edgeprune.passes import registry
+from edgeprune.passes.queries import gpq
+from edgeprune.passes.queries.axes import QueryAxisError
 from model_cache import decoder_model, exported_decoder
 
 # preset -> decoder layers: the same exports the tgGBC tests use (model_cache shares them per session)
@@ -331,7 +332,7 @@ def test_bad_indices_are_user_errors(kept: list[int], message: str) -> None:
 @pytest.fixture
 def cli_model(tmp_path: Path) -> tuple[Path, PETRHead]:
     """A small StreamPETR-like head exported to ``tmp_path/in.onnx``."""
-    assert registry.METHODS["gpq"] == "edgeprune.passes.gpq:QueryPruningPass"
+    assert registry.METHODS["gpq"] == "edgeprune.passes.queries.gpq:QueryPruningPass"
     onnx.save(small_export(True, 2), str(tmp_path / "in.onnx"))
     return tmp_path / "in.onnx", small_head(True)
 

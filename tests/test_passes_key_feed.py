@@ -1,4 +1,4 @@
-"""The key-feeding mechanism shared by tgGBC and ToMe (``edgeprune.passes.key_feed``), on a tiny graph.
+"""The key-feeding mechanism shared by tgGBC and ToMe (``edgeprune.passes.keys.feed``), on a tiny graph.
 
 Three "layers" read one flattening Reshape (as after onnxsim) and carry Nk in a static head
 Reshape. Keys are reduced after layers 0 and 1 by a transform that keeps the first keys;
@@ -16,9 +16,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeprune.errors import ParameterError
-from edgeprune.passes.graph_edit import GraphEditor, export_graph, tensor_info
-from edgeprune.passes.key_feed import KeyAxes, KeyFeeder, KeyFeedPlan, add_key_count_arguments, key_counts_from_args
-from edgeprune.passes.structure import AttentionProbs, DecoderLayer, DecoderStructure, ProjectionInput
+from edgeprune.graph.edit import GraphEditor, export_graph, tensor_info
+from edgeprune.passes.keys.feed import KeyAxes, KeyFeeder, KeyFeedPlan, add_key_count_arguments, key_counts_from_args
+from edgeprune.passes.discovery.structure import AttentionProbs, DecoderLayer, DecoderStructure, ProjectionInput
 
 B, NK, E, LAYERS = 2, 6, 4, 3
 KEYS = (6, 4, 3)                                   # keys read by layers 0, 1, 2

@@ -1,4 +1,4 @@
-"""tgGBC ONNX pass (``edgeprune.passes.tggbc``) against torch tgGBC references, run in ONNX Runtime.
+"""tgGBC ONNX pass (``edgeprune.passes.keys.tggbc``) against torch tgGBC references, run in ONNX Runtime.
 
 Oracles: ``PETRHead(..., pruning=TgGBCConfig(r, n, k))`` for edgeprune presets; for the
 independent handwritten decoder and a fused-attention decoder, references written here from
@@ -32,11 +32,11 @@ from model_cache import EXPORTERS, decoder_model, exported_decoder
 from edgeprune.errors import ParameterError
 from edgeprune.methods import tggbc
 from edgeprune.methods.tggbc import TgGBCConfig
-from edgeprune.passes import tggbc as tggbc_pass
-from edgeprune.passes.discovery import discover
+from edgeprune.passes.keys import tggbc as tggbc_pass
+from edgeprune.passes.discovery.discover import discover
 from edgeprune.passes.driver import rewrite
-from edgeprune.passes.graph_edit import GraphEditor, tensor_info
-from edgeprune.passes.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
+from edgeprune.graph.edit import GraphEditor, tensor_info
+from edgeprune.passes.discovery.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
 
 TOL = 1e-4          # acceptance: all_cls_scores and all_bbox_preds within 1e-4 of the torch reference
 MIN_GAP = 1e-5      # relative separation required at every selection boundary (5x ORT-vs-torch rounding)
@@ -435,7 +435,7 @@ def test_pass_module_imports_without_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys; import edgeprune.passes.tggbc; sys.exit('torch' in sys.modules)"
+    code = "import sys; import edgeprune.passes.keys.tggbc; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 

@@ -1,4 +1,4 @@
-"""ToMe ONNX pass (``edgeprune.passes.tome``) against the torch ToMe reference, run in ONNX Runtime.
+"""ToMe ONNX pass (``edgeprune.passes.keys.tome``) against the torch ToMe reference, run in ONNX Runtime.
 
 Oracles: ``edgeprune.methods.tome.forward_with_tome`` for an edgeprune preset; for the
 independent handwritten decoder (``tests/handwritten_decoder.py``), a reference written here
@@ -30,8 +30,8 @@ from model_cache import EXPORTERS, decoder_model, exported_decoder
 from edgeprune.cli.main import main
 from edgeprune.errors import ParameterError, PatternNotFoundError
 from edgeprune.methods import tome
-from edgeprune.passes import tome as tome_pass
-from edgeprune.passes.discovery import discover
+from edgeprune.passes.keys import tome as tome_pass
+from edgeprune.passes.discovery.discover import discover
 from edgeprune.passes.driver import rewrite
 
 TOL = 1e-4          # the pass computes what the torch reference computes

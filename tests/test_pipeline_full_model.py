@@ -15,7 +15,7 @@ from edgeprune.export.exporter import export_onnx
 from edgeprune.methods.tggbc import TgGBCConfig
 from edgeprune.models.build import build_model
 from edgeprune.passes.driver import rewrite
-from edgeprune.passes.tggbc import KeyPruningPass
+from edgeprune.passes.keys.tggbc import KeyPruningPass
 
 
 def test_simplified_whole_model_rewrites_and_matches_torch(tmp_path: Path) -> None:

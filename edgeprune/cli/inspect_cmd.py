@@ -64,7 +64,7 @@ def _estimate_lines(desc: Any) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeprune.passes.describe import describe_model
+    from edgeprune.report.describe import describe_model
 
     desc = describe_model(args.model, overrides=args.override, r=args.r, n=args.n, k=args.k)
     if args.json:

@@ -25,10 +25,10 @@ from typing import Any, Mapping, Sequence
 from edgeprune import _lazy
 from edgeprune.errors import InternalError, InvalidModelError, ModelNotFoundError
 from edgeprune.io import atomic_path, check_writable
-from edgeprune.passes.discovery import discover, require_parts
-from edgeprune.passes.overrides import Overrides, parse_overrides
+from edgeprune.passes.discovery.discover import discover, require_parts
+from edgeprune.passes.discovery.overrides import Overrides, parse_overrides
 from edgeprune.passes.registry import get_precision
-from edgeprune.passes.structure import DecoderStructure
+from edgeprune.passes.discovery.structure import DecoderStructure
 from edgeprune.passes.verify import VerifyReport, compare_models
 
 log = logging.getLogger(__name__)

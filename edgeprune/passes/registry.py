@@ -33,15 +33,15 @@ from edgeprune.errors import InternalError, ParameterError
 
 # --method NAME -> "module:Class". Order is the order shown in --help.
 METHODS: dict[str, str] = {
-    "tggbc": "edgeprune.passes.tggbc:KeyPruningPass",
-    "gpq": "edgeprune.passes.gpq:QueryPruningPass",
-    "tome": "edgeprune.passes.tome:TokenMergingPass",
+    "tggbc": "edgeprune.passes.keys.tggbc:KeyPruningPass",
+    "gpq": "edgeprune.passes.queries.gpq:QueryPruningPass",
+    "tome": "edgeprune.passes.keys.tome:TokenMergingPass",
     "none": "edgeprune.passes.registry:IdentityPass",
 }
 # --precision NAME -> "module:Class" (fp32 is the absence of a conversion). Precision passes
 # must also be constructible without arguments (``rewrite(..., precision="fp16")``).
 PRECISIONS: dict[str, str] = {
-    "fp16": "edgeprune.passes.fp16:Fp16Pass",
+    "fp16": "edgeprune.passes.precision.fp16:Fp16Pass",
 }
 
 

@@ -43,9 +43,9 @@ def model_precision(path: str | Path) -> str:
 
 def _converter():
     try:
-        module = importlib.import_module("edgeprune.passes.fp16")
+        module = importlib.import_module("edgeprune.passes.precision.fp16")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("edgeprune.passes.fp16", "edgeprune.passes"):
+        if exc.name not in ("edgeprune.passes.precision.fp16", "edgeprune.passes"):
             raise
         raise Fp16UnavailableError(
             "--precision fp16 needs the fp16 conversion, which arrives with "

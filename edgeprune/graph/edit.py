@@ -101,7 +101,7 @@ def model_opset(model: Any) -> int:
 def tensor_info(model: Any) -> TensorInfo:
     """Element type and shape of every tensor (static inference on a weight-free copy)."""
     onnx = _lazy.require("onnx")
-    from edgeprune.passes.shapes import light_model
+    from edgeprune.graph.shapes import light_model
 
     light = light_model(model)
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from edgeprune import _lazy
-from edgeprune.passes.shapes import Shape, Shapes, infer_shapes
+from edgeprune.graph.shapes import Shape, Shapes, infer_shapes
 
 # Ops whose output is input 0 moved / viewed / re-typed: matchers walk through them.
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Identity", "Flatten",

@@ -3,7 +3,7 @@
 Given the ORIGINAL indices of the queries to keep (``GPQPruner.kept_indices``, or a one-shot
 ranking on calibration inputs), the pass
 
-1. labels every axis that runs over queries (:mod:`edgeprune.passes.query_axes`);
+1. labels every axis that runs over queries (:mod:`edgeprune.passes.queries.axes`);
 2. slices every per-query constant along that axis (reference points ``[Nl, 3]``, folded
    query embeddings ``[B, Nq, E]``, zero targets, ...);
 3. rewrites the literal query counts of shape operands in place: Reshape targets
@@ -17,7 +17,7 @@ ranking on calibration inputs), the pass
 The op list is unchanged: only constants and shapes change, so the result computes exactly
 ``head(..., query_indices=kept)`` (= ``head.select_queries(kept)``) with a smaller static graph.
 Reading keep-index files and calibration inputs, and the one-shot ranking, are
-:mod:`edgeprune.passes.gpq_inputs` (re-exported here).
+:mod:`edgeprune.passes.queries.inputs` (re-exported here).
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ParameterError
-from edgeprune.passes import query_axes as qx
+from edgeprune.passes.queries import axes as qx
 # Where the kept indices come from (files, calibration inputs, one-shot ranking in ORT); these
 # names stay importable from here: the pass's public API.
-from edgeprune.passes.gpq_inputs import (OUTPUT_NAMES, calibration_samples, io_shape, load_calibration,  # noqa: F401
+from edgeprune.passes.queries.inputs import (OUTPUT_NAMES, calibration_samples, io_shape, load_calibration,  # noqa: F401
                                          load_keep_indices, query_scores_onnx, rank_queries_one_shot,
                                          save_keep_indices)
-from edgeprune.passes.query_axes import AxisLabel, DimOf, Literal, QueryAxes, QueryAxisError
+from edgeprune.passes.queries.axes import AxisLabel, DimOf, Literal, QueryAxes, QueryAxisError
 from edgeprune.passes.registry import BasePass
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def _prop_count(prop: dict[str, tuple[int, ...] | None]) -> int:
 
 
 def analyze_queries(model: Any, space: QuerySpace) -> QueryAxes:
-    """Label every query axis of ``model`` (see :mod:`edgeprune.passes.query_axes`)."""
+    """Label every query axis of ``model`` (see :mod:`edgeprune.passes.queries.axes`)."""
     facts = qx.graph_facts(model)
     seeds: qx.Seeds = {}
     for name, axis, start, stop in space.seeds:

@@ -21,8 +21,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from edgeprune.passes.matching import GraphIndex, Walk, walk_up
-from edgeprune.passes.structure import AttentionProbs, MaskInput, ProjectionInput
+from edgeprune.graph.index import GraphIndex, Walk, walk_up
+from edgeprune.passes.discovery.structure import AttentionProbs, MaskInput, ProjectionInput
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any, ClassVar, Protocol, Sequence
 import numpy as np
 
 from edgeprune.errors import ParameterError, PatternNotFoundError
-from edgeprune.passes.graph_edit import GraphEditor
+from edgeprune.graph.edit import GraphEditor
 from edgeprune.passes.registry import BasePass
-from edgeprune.passes.structure import DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
+from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class KeyReductionPass(BasePass):
         """Undo onnxsim's merged key projections (one MatMul + Split for all layers): later layers
         must be able to read fewer keys than earlier ones. Nothing changes when nothing is reduced."""
         if self.config.enabled:
-            from edgeprune.passes.normalize import split_shared_projections
+            from edgeprune.passes.discovery.normalize import split_shared_projections
 
             split_shared_projections(model)
         return model

@@ -1,6 +1,6 @@
 """The decoder structure found in an ONNX graph: the contract between discovery and passes.
 
-Discovery (``edgeprune.passes.discovery``) fills these records from the exporter's metadata
+Discovery (``edgeprune.passes.discovery.discover``) fills these records from the exporter's metadata
 or by matching the graph; passes (tgGBC, GPQ, ToMe) only read them. All records are
 immutable; a pass never stores matches on itself.
 

@@ -14,11 +14,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from edgeprune.passes.attention_match import find_attentions
-from edgeprune.passes.discovery import discover, is_cross_attention
-from edgeprune.passes.flops import DecoderFlops, DecoderSizes, PruningEstimate, decoder_flops, estimate_tggbc
-from edgeprune.passes.matching import GraphIndex, name_nodes
-from edgeprune.passes.structure import DecoderStructure
+from edgeprune.passes.discovery.attention import find_attentions
+from edgeprune.passes.discovery.discover import discover, is_cross_attention
+from edgeprune.report.flops import DecoderFlops, DecoderSizes, PruningEstimate, decoder_flops, estimate_tggbc
+from edgeprune.graph.index import GraphIndex, name_nodes
+from edgeprune.passes.discovery.structure import DecoderStructure
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from dataclasses import replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from edgeprune.errors import InvalidModelError, PatternNotFoundError
-from edgeprune.passes.attention_match import AttentionMatch, find_attentions, find_projection, \
+from edgeprune.passes.discovery.attention import AttentionMatch, find_attentions, find_projection, \
     match_softmax_attention
-from edgeprune.passes.matching import GraphIndex, name_nodes
-from edgeprune.passes.overrides import LAYER_PARTS, Overrides, TensorSpec, parse_overrides
-from edgeprune.passes.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, \
+from edgeprune.graph.index import GraphIndex, name_nodes
+from edgeprune.passes.discovery.overrides import LAYER_PARTS, Overrides, TensorSpec, parse_overrides
+from edgeprune.passes.discovery.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, \
     ProjectionInput
 
 log = logging.getLogger(__name__)

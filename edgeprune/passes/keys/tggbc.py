@@ -17,7 +17,7 @@ input and per-key mask with the chained indices (``Gather`` for batch 1, ``Gathe
 with ``batch_dims=1`` otherwise; nodes ``tggbc/l{l}/gather/``), so later layers attend to the
 kept keys only and their projections shrink. Where the gathered tensors go (rewiring,
 retargeted static shapes ``tggbc/l{l}/shape/``, per-stage copies of shared key-path nodes
-``tggbc/l{l}/copy/``) is :mod:`edgeprune.passes.key_feed`, shared with the ToMe pass.
+``tggbc/l{l}/copy/``) is :mod:`edgeprune.passes.keys.feed`, shared with the ToMe pass.
 
 TensorRT documents TopK's K as at most 3840. With ``tensorrt=True`` a larger keep count is
 selected by peeling: TopK of 3840 keys, mask them out (ScatterElements -inf), repeat; the
@@ -34,10 +34,10 @@ import numpy as np
 from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ParameterError, PatternNotFoundError
 from edgeprune.methods.tggbc import CLASS_REDUCTIONS, TgGBCConfig, schedule     # torch-free: config and schedule
-from edgeprune.passes.graph_edit import BOOL, FLOAT, GraphEditor, export_graph, model_opset, tensor_info
-from edgeprune.passes.key_feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
+from edgeprune.graph.edit import BOOL, FLOAT, GraphEditor, export_graph, model_opset, tensor_info
+from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
                                       key_counts_from_args)
-from edgeprune.passes.structure import DecoderLayer, DecoderStructure, MaskInput
+from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure, MaskInput
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ scaling, and the sum needs no opset-dependent ReduceMean. Merging the projection
 ``memory + key_pos`` and ``memory`` with the same sizes equals merging memory and key_pos
 separately (a weighted average is linear). The size tensor ``[B, Nk, 1]`` starts at ones.
 Feeding the merged tensors to the later layers (rewiring, static shapes, per-stage copies of
-shared key-path nodes ``tome/l{l}/copy/``) is :mod:`edgeprune.passes.key_feed`, shared with tgGBC.
+shared key-path nodes ``tome/l{l}/copy/``) is :mod:`edgeprune.passes.keys.feed`, shared with tgGBC.
 
 Limits (clear errors): fused attention ops (no separate key tensor to read), key padding
 masks, projections shared by layers with different key counts (``prepare`` first undoes
@@ -36,10 +36,10 @@ import numpy as np
 from edgeprune._lazy import require
 from edgeprune.errors import ParameterError, PatternNotFoundError
 from edgeprune.methods.tome import ToMeConfig, max_merges
-from edgeprune.passes.graph_edit import GraphEditor, export_graph, model_opset
-from edgeprune.passes.key_feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
+from edgeprune.graph.edit import GraphEditor, export_graph, model_opset
+from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
                                       key_counts_from_args, projection_inputs)
-from edgeprune.passes.structure import DecoderLayer, DecoderStructure
+from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ToMePlan:
 
 def plan_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> ToMePlan:
     """Check the structure supports ToMe and locate each merging layer's keys (no graph edit)."""
-    from edgeprune.passes.matching import GraphIndex
+    from edgeprune.graph.index import GraphIndex
 
     per_layer = config.validate(structure.num_keys, structure.num_layers)
     _check_opset(model)
@@ -112,7 +112,7 @@ def _check_opset(model: Any) -> None:
 
 def _keys_tensor(index: Any, layer: DecoderLayer) -> tuple[str, str]:
     """(K^T, the QK^T MatMul reading it) of the layer's attention; refuses fused attention."""
-    from edgeprune.passes.attention_match import score_path
+    from edgeprune.passes.discovery.attention import score_path
 
     where = f"decoder layer {layer.index}"
     if layer.probs.layout == "fused" or layer.probs.tensor is None:

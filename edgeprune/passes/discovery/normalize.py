@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeprune import _lazy
-from edgeprune.passes.matching import GraphIndex, name_nodes
+from edgeprune.graph.index import GraphIndex, name_nodes
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def split_shared_projections(model: Any) -> int:
 
 
 def _shapes(model: Any) -> dict:
-    from edgeprune.passes.shapes import infer_shapes
+    from edgeprune.graph.shapes import infer_shapes
 
     return infer_shapes(model)
 

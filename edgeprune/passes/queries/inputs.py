@@ -1,11 +1,11 @@
 """Where GPQ's kept queries come from: keep-index files, calibration inputs, one-shot ranking.
 
-The graph shrink (:mod:`edgeprune.passes.gpq`) takes the ORIGINAL indices of the queries to
+The graph shrink (:mod:`edgeprune.passes.queries.gpq`) takes the ORIGINAL indices of the queries to
 keep. They come either from the torch ``GPQPruner`` (``pruner.kept_indices``, written with
 :func:`save_keep_indices`, read back by :func:`load_keep_indices`: ``--keep-indices FILE``),
 or from a one-shot ranking of the graph's own class scores on calibration inputs, run in
 ONNX Runtime (:func:`load_calibration` + :func:`rank_queries_one_shot`: ``--keep-queries K
---calib X.npz``). ``edgeprune.passes.gpq`` re-exports these names.
+--calib X.npz``). ``edgeprune.passes.queries.gpq`` re-exports these names.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ModelNotFoundError, ParameterError
 
 if TYPE_CHECKING:
-    from edgeprune.passes.gpq import QuerySpace
+    from edgeprune.passes.queries.gpq import QuerySpace
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def rank_queries_one_shot(model: Any, calib: Mapping[str, np.ndarray], keep: int
     Logs ``edgeprune.methods.gpq.ONE_SHOT_WARNING``: fine-tuning with GPQPruner is better.
     """
     from edgeprune.methods.gpq import ONE_SHOT_WARNING
-    from edgeprune.passes.gpq import resolve_query_space        # the query space lives with the shrink
+    from edgeprune.passes.queries.gpq import resolve_query_space        # the query space lives with the shrink
 
     space = space or resolve_query_space(model)
     if not 0 < keep <= space.num_queries:
