@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeprune.graph.shapes import static_shapes
 from edgeprune.errors import InvalidModelError
 from edgeprune.export import record
 from edgeprune.export.decoder_map import (DECODER_MAP_KEY, DecoderMap, LayerMap, QueryTensor, TensorRef,
@@ -90,7 +91,7 @@ def test_demote_resolves_aliases_views_and_duplicates() -> None:
     assert [t.name for t in model.graph.initializer] == []                         # Reshape's shape unused
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})
     np.testing.assert_array_equal(before[0], after[0])
-    shapes = record.tensor_shapes(model, ["sum", "prod", "x"])
+    shapes = static_shapes(model, ["sum", "prod", "x"])
     assert shapes == {"sum": (2, 6), "prod": (2, 6), "x": (2, 6)}
 
 

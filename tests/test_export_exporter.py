@@ -13,6 +13,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
+from edgeprune.graph.values import model_nbytes
 from edgeprune import _lazy
 from edgeprune.errors import OutputPathError, ParameterError
 from edgeprune.export import exporter as exporter_module
@@ -208,4 +209,4 @@ def test_model_nbytes_counts_initializers_and_constants() -> None:
     const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.zeros(5, np.int64)))
     graph = helper.make_graph([const], "g", [], [helper.make_tensor_value_info("c", onnx.TensorProto.INT64, [5])],
                               [weight])
-    assert record.model_nbytes(helper.make_model(graph)) == 400 + 40
+    assert model_nbytes(helper.make_model(graph)) == 400 + 40

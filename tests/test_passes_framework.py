@@ -20,6 +20,7 @@ import handwritten_decoder as hd
 from edgeprune.cli.main import main
 from edgeprune.errors import InternalError, InvalidModelError, ModelNotFoundError, ParameterError, \
     PatternNotFoundError
+from edgeprune.graph import files
 from edgeprune.passes import driver, registry
 from edgeprune.passes.discovery import normalize
 from edgeprune.report import flops
@@ -36,7 +37,8 @@ class DoubleLogitsPass(BasePass):
     help = "test: double the class logits"
     requires: ClassVar[frozenset[str]] = frozenset({"logits"})
 
-    def apply(self, model: Any, structure: Any) -> Any:
+    def apply(self, working: Any, structure: Any) -> None:
+        model = working.proto()
         graph = model.graph
         for layer in structure.layers:
             doubled = f"{layer.logits}_x2"
@@ -46,7 +48,7 @@ class DoubleLogitsPass(BasePass):
             two = helper.make_tensor(f"{doubled}_two", onnx.TensorProto.FLOAT, [], [2.0])
             graph.initializer.append(two)
             graph.node.append(helper.make_node("Mul", [layer.logits, two.name], [doubled], name=f"test/{doubled}"))
-        return model
+        working.replace(model)
 
 
 class BrokenPass(BasePass):
@@ -55,12 +57,13 @@ class BrokenPass(BasePass):
     name = "broken"
     help = "test: break the graph"
 
-    def apply(self, model: Any, structure: Any) -> Any:
+    def apply(self, working: Any, structure: Any) -> None:
+        model = working.proto()
         out = model.graph.output[0].name
         for node in model.graph.node:
             node.output[:] = [f"{o}_orig" if o == out else o for o in node.output]
         model.graph.node.append(helper.make_node("NoSuchOp", [f"{out}_orig"], [out], name="test/broken"))
-        return model
+        working.replace(model)
 
 
 class MustNotRunPass(BasePass):
@@ -68,7 +71,7 @@ class MustNotRunPass(BasePass):
     help = "test: requires logits"
     requires: ClassVar[frozenset[str]] = frozenset({"probs", "logits"})
 
-    def apply(self, model: Any, structure: Any) -> Any:
+    def apply(self, working: Any, structure: Any) -> None:
         raise AssertionError("apply ran although a required part is missing")
 
 
@@ -180,21 +183,21 @@ def test_a_broken_pass_is_an_internal_error_and_leaves_no_file(decoder: Path, tm
 
 def test_bad_input_files(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="does not exist"):
-        driver.load_model(tmp_path / "missing.onnx")
+        files.load_model(tmp_path / "missing.onnx")
     with pytest.raises(ModelNotFoundError, match="is a directory"):
-        driver.load_model(tmp_path)
+        files.load_model(tmp_path)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07\x12\x05hello\x3a\xff\xff")
     with pytest.raises(InvalidModelError, match="cannot read .*corrupt.onnx as ONNX"):
-        driver.load_model(corrupt)
+        files.load_model(corrupt)
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     with pytest.raises(InvalidModelError, match="is not an ONNX model"):
-        driver.load_model(empty)
+        files.load_model(empty)
 
 
 def test_external_data_output(decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(driver, "_EXTERNAL_DATA_BYTES", 0)      # as if the model were above 2 GB
+    monkeypatch.setattr(files, "PROTOBUF_LIMIT", 0)      # as if the model were above 2 GB
     out = tmp_path / "ext.onnx"
     report = driver.rewrite(decoder, out, [IdentityPass()])
     assert report.external_data == "ext.onnx.data" and (tmp_path / "ext.onnx.data").is_file()
@@ -281,10 +284,9 @@ class SplitProjectionsPass(BasePass):
         normalize.split_shared_projections(model)
         return model
 
-    def apply(self, model: Any, structure: Any) -> Any:
+    def apply(self, working: Any, structure: Any) -> None:
         consumers = [layer.key_inputs[0].consumer for layer in structure.layers]
         assert len(set(consumers)) == len(consumers), "prepare ran before discovery"
-        return model
 
 
 def test_shared_projections_are_split_without_changing_outputs(decoder: Path, tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ from edgeprune.methods.tggbc import TgGBCConfig
 from edgeprune.passes.keys import tggbc as tggbc_pass
 from edgeprune.passes.discovery.discover import discover
 from edgeprune.passes.driver import rewrite
-from edgeprune.graph.edit import GraphEditor, tensor_info
+from edgeprune.graph.edit import GraphEditor
+from edgeprune.graph.shapes import tensor_info
 from edgeprune.passes.discovery.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
 
 TOL = 1e-4          # acceptance: all_cls_scores and all_bbox_preds within 1e-4 of the torch reference

@@ -36,6 +36,8 @@ from edgeprune.export.record import PlannedExtra
 from edgeprune.export.simplify import simplify_model
 from edgeprune.export.validate import (DEFAULT_TOLERANCE, ExportValidationError, ValidationReport,
                                        compare_outputs, ort_session, run_onnx)
+from edgeprune.graph.files import needs_external_data, save_onnx
+from edgeprune.graph.values import model_nbytes
 from edgeprune.io import atomic_path, check_writable
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,6 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 # TorchScript stops at 20 in torch 2.13; dynamo's Split (num_outputs) needs 18.
 OPSET_RANGE = {"torchscript": (7, 20), "dynamo": (18, 23)}
-PROTOBUF_LIMIT = 2**31 - 1
-_GRAPH_MARGIN = 2**26          # room for nodes and names beside the weights
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def _build_staged(model: Any, name: str, staging: Path, opts: ExportOptions, see
     """Steps 2-4 and the save: returns (staged model path, decoder map, simplify note, reference)."""
     proto, plan, reference = _trace(model, staging, opts, seed, record_structure, validate, phases)
     t0 = time.perf_counter()
-    size = record.model_nbytes(proto)
+    size = model_nbytes(proto)
     result = simplify_model(proto, enabled=simplify, size_bytes=size)
     proto = result.model
     _timed(phases, "simplify", t0)
@@ -187,8 +187,10 @@ def _build_staged(model: Any, name: str, staging: Path, opts: ExportOptions, see
         dmap = _record_structure(proto, plan, model, [i.name for i in proto.graph.input],
                                  list(model.output_names()), opts)
     staged = staging / name
-    external = size > PROTOBUF_LIMIT - _GRAPH_MARGIN if external_data is None else external_data
-    _save(proto, staged, external)
+    external = needs_external_data(proto) if external_data is None else external_data
+    if external:
+        log.info("saving the weights as external data in %s.data (protobuf files stop at 2 GB)", staged.name)
+    save_onnx(proto, staged, external=external)
     return staged, dmap, result.note, reference
 
 
@@ -237,17 +239,6 @@ def _record_structure(proto: Any, plan: tuple[PlannedExtra, ...], model: Any, in
     log.info("recorded decoder structure: %d layers, %d queries, %d keys%s", dmap.num_layers,
              dmap.num_queries, dmap.num_keys, "" if dmap.probs_present else " (attention probabilities absent)")
     return dmap
-
-
-def _save(proto: Any, staged: Path, external: bool) -> None:
-    """Write ``proto``; with ``external`` the weights go to ``<name>.data`` beside it."""
-    onnx = _lazy.require("onnx")
-    if external:
-        log.info("saving the weights as external data in %s.data (protobuf files stop at 2 GB)", staged.name)
-        onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{staged.name}.data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(staged))
 
 
 def _check_staged(staged: Path, reference: _Reference | None, opts: ExportOptions,

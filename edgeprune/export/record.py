@@ -17,13 +17,12 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import InternalError
+from edgeprune.graph.ops import ALIAS_OPS, RESHAPE_OPS
+from edgeprune.graph.shapes import static_shapes
 from edgeprune.export.decoder_map import DecoderMap, LayerMap, QueryTensor, TensorRef
 
 log = logging.getLogger(__name__)
 
-ALIAS_OPS = frozenset({"Identity"})
-VIEW_OPS = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
-_LIGHT_INITIALIZER_BYTES = 4096
 
 PREFIX = "edgeprune."
 LAYER_ROLES = ("cross_attn_probs", "logits", "key_input", "value_input")
@@ -95,7 +94,7 @@ def _resolve(name: str, graph: Any, live: set[int]) -> str | None:
         if index is None:                          # graph input or initializer
             return current
         node = graph.node[index]
-        if node.op_type in ALIAS_OPS or (index not in live and node.op_type in VIEW_OPS):
+        if node.op_type in ALIAS_OPS or (index not in live and node.op_type in RESHAPE_OPS):
             current = node.input[0]
             continue
         return current if index in live else None
@@ -212,64 +211,6 @@ def demote_outputs(model: Any, names: Sequence[str]) -> dict[str, str | None]:
     return {name: (rename.get(real, real) if real else None) for name, real in resolved.items()}
 
 
-def _light_copy(model: Any) -> Any:
-    """The graph with big initializers turned into typed inputs (shape inference ignores data)."""
-    onnx = _lazy.require("onnx")
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    graph = light.graph
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.node.extend(model.graph.node)
-    for tensor in model.graph.initializer:
-        if tensor_nbytes(tensor) <= _LIGHT_INITIALIZER_BYTES:
-            graph.initializer.append(tensor)
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    return light
-
-
-def _dims(value_info: Any) -> tuple[int, ...] | None:
-    shape = value_info.type.tensor_type.shape
-    if not value_info.type.tensor_type.HasField("shape"):
-        return None
-    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in shape.dim)
-    return None if -1 in dims else dims
-
-
-def tensor_shapes(model: Any, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """Static shapes of ``names`` (inputs, initializers, Constant outputs, inferred values)."""
-    onnx = _lazy.require("onnx")
-    wanted = set(names)
-    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in model.graph.initializer if t.name in wanted}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] in wanted and node.attribute[0].name == "value":
-            shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
-    inferred = onnx.shape_inference.infer_shapes(_light_copy(model)).graph
-    for info in list(inferred.input) + list(inferred.output) + list(inferred.value_info):
-        dims = _dims(info)
-        if info.name in wanted and info.name not in shapes and dims is not None:
-            shapes[info.name] = dims
-    return shapes
-
-
-def tensor_nbytes(tensor: Any) -> int:
-    """Bytes of an initializer's data (from dims and type; works for external data too)."""
-    onnx = _lazy.require("onnx")
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in tensor.string_data)
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
-def model_nbytes(model: Any) -> int:
-    """Weight bytes of a model: initializers plus Constant node tensors."""
-    total = sum(tensor_nbytes(t) for t in model.graph.initializer)
-    total += sum(tensor_nbytes(node.attribute[0].t) for node in model.graph.node
-                 if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value")
-    return total
-
-
 def _constants(model: Any) -> Iterator[tuple[str, Any, str]]:
     """(name, TensorProto, kind) of every initializer and Constant node value."""
     for tensor in model.graph.initializer:
@@ -358,7 +299,7 @@ def build_decoder_map(model: Any, plan: Sequence[PlannedExtra], resolved: Mappin
     if count == 0:
         log.warning("the head returned no per-layer logits: no decoder map recorded")
         return None
-    shapes = tensor_shapes(model, [n for n in names.values() if n])
+    shapes = static_shapes(model, [n for n in names.values() if n])
     _check_shapes(plan, names, shapes)
     layers = _layers(names, shapes, count)
     if layers[0].logits is None:

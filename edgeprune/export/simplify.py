@@ -15,11 +15,12 @@ from typing import Any
 from edgeprune import _lazy
 from edgeprune.errors import InternalError
 from edgeprune.export.native_output import native_output_to_debug_log
+from edgeprune.graph.files import PROTOBUF_LIMIT
 
 log = logging.getLogger(__name__)
 
 # onnxsim hands the model to C++ as one serialised protobuf.
-ONNXSIM_SIZE_LIMIT = 2**31 - 1
+ONNXSIM_SIZE_LIMIT = PROTOBUF_LIMIT          # onnxsim serialises the whole model into one message
 
 
 @dataclass(frozen=True)

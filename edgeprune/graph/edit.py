@@ -2,9 +2,9 @@
 
 :class:`GraphEditor` names every node and constant it adds ``{scope}{what}_{n}`` (unique), so
 a pass's nodes carry its prefix (``tggbc/l0/...``, ``tome/...``): the fp16 pass keeps nodes
-by prefix. :func:`tensor_info` gives the element type and static shape of every tensor of the
-input model (ONNX shape inference on a weight-free copy), and :func:`export_graph` turns the
-edited graph back into a ModelProto that keeps the input model's header and metadata.
+by prefix. :func:`export_graph` turns an edited graph back into a ModelProto that keeps the
+input model's header and metadata (the one place that copies them), and :func:`cleanup` is the
+driver's dead-node removal and topological sort.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import PatternNotFoundError
+from edgeprune.graph.shapes import TensorInfo
 
 FLOAT, BOOL = 1, 9          # onnx.TensorProto element types
-TensorInfo = dict[str, tuple[int, tuple[Any, ...]]]   # tensor -> (elem type, shape; None = unknown dim)
 
 
 @dataclass
@@ -98,40 +98,30 @@ def model_opset(model: Any) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def tensor_info(model: Any) -> TensorInfo:
-    """Element type and shape of every tensor (static inference on a weight-free copy)."""
-    onnx = _lazy.require("onnx")
-    from edgeprune.graph.shapes import light_model
+def copy_header(source: Any, target: Any) -> None:
+    """Give ``target`` (a ModelProto) ``source``'s IR version, opsets, producer and doc fields.
 
-    light = light_model(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError):
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
-    info: TensorInfo = {}
-    g = inferred.graph
-    for vi in list(g.value_info) + list(g.input) + list(g.output):
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
-            if tt.HasField("shape") else ()
-        info[vi.name] = (tt.elem_type, dims)
-    for init in model.graph.initializer:
-        info[init.name] = (init.data_type, tuple(int(d) for d in init.dims))
-    return info
+    onnx-graphsurgeon's export writes its own header; a rewritten model keeps the input's.
+    """
+    target.ir_version = source.ir_version
+    del target.opset_import[:]
+    target.opset_import.extend(source.opset_import)
+    target.producer_name, target.producer_version = source.producer_name, source.producer_version
+    target.doc_string, target.model_version, target.domain = source.doc_string, source.model_version, source.domain
 
 
-def export_graph(gs: Any, graph: Any, model: Any, metadata: Mapping[str, Any] | None = None) -> Any:
-    """gs graph -> ModelProto with ``model``'s header and metadata; stale intermediate shapes dropped.
+def export_graph(gs: Any, graph: Any, model: Any, metadata: Mapping[str, Any] | None = None,
+                 keep_shapes: bool = False) -> Any:
+    """gs graph -> ModelProto with ``model``'s header and metadata.
 
-    ``metadata`` entries (values JSON-encoded) replace the input's entries of the same keys.
+    Intermediate shapes are dropped unless ``keep_shapes`` (a pass that changed key or query
+    counts leaves them stale). ``metadata`` entries (values JSON-encoded) replace the input's
+    entries of the same keys.
     """
     out = gs.export_onnx(graph, do_type_check=False)
-    del out.graph.value_info[:]                        # later layers' key counts changed
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    out.producer_name, out.producer_version = model.producer_name, model.producer_version
-    out.doc_string, out.model_version, out.domain = model.doc_string, model.model_version, model.domain
+    if not keep_shapes:
+        del out.graph.value_info[:]
+    copy_header(model, out)
     added = dict(metadata or {})
     for prop in model.metadata_props:
         if prop.key not in added:
@@ -139,3 +129,67 @@ def export_graph(gs: Any, graph: Any, model: Any, metadata: Mapping[str, Any] | 
     for key, value in added.items():
         out.metadata_props.add(key=key, value=json.dumps(value, sort_keys=True))
     return out
+
+
+def cleanup(model: Any) -> Any:
+    """Remove dead nodes/tensors and sort topologically (onnx-graphsurgeon), keeping model metadata."""
+    gs = _lazy.require("onnx_graphsurgeon")
+    graph = gs.import_onnx(model)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return export_graph(gs, graph, model, keep_shapes=True)
+
+
+class WorkingModel:
+    """The model one rewrite edits: a single onnx-graphsurgeon graph, exported once at the end.
+
+    onnx-graphsurgeon's own design: import once, let every pass edit the in-memory graph, clean
+    up and export once. Exactly one form is current at a time. Graph passes (tgGBC, ToMe)
+    call :meth:`graph` and edit it in place; passes whose machinery reads protobufs (GPQ's
+    query-axis analysis, onnxconverter-common's fp16 conversion, discovery) call :meth:`proto`
+    and, when they built a new model, :meth:`replace`. Switching forms costs one export or
+    import, so a chain of graph passes never round-trips.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._gs = _lazy.require("onnx_graphsurgeon")
+        self._proto: Any = model
+        self._graph: Any = None
+        self._header: Any = model            # header and metadata of the newest proto
+        self._metadata: dict[str, Any] = {}  # entries to add at the next export
+        self._shapes_stale = False
+
+    def proto(self) -> Any:
+        """The current model as a ModelProto (exports the graph if a graph pass edited it)."""
+        if self._proto is None:
+            self._proto = self._export()
+            self._graph = None
+        return self._proto
+
+    def graph(self) -> Any:
+        """The current graph for editing in place (its intermediate shapes become stale)."""
+        if self._graph is None:
+            self._graph = self._gs.import_onnx(self._proto)
+            self._proto = None
+        self._shapes_stale = True
+        return self._graph
+
+    def replace(self, model: Any) -> None:
+        """Make ``model`` (a ModelProto built by a pass) the current form."""
+        self._proto, self._graph, self._header = model, None, model
+        self._shapes_stale = False
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        """Record ``key`` (value JSON-encoded) in the model's metadata at the next export."""
+        self._metadata[key] = value
+
+    def finish(self) -> Any:
+        """Remove dead nodes, sort topologically and export: the rewrite's one export."""
+        graph = self._graph if self._graph is not None else self._gs.import_onnx(self._proto)
+        self._graph, self._proto = graph, None
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return self.proto()
+
+    def _export(self) -> Any:
+        out = export_graph(self._gs, self._graph, self._header, self._metadata, keep_shapes=not self._shapes_stale)
+        self._header, self._metadata, self._shapes_stale = out, {}, False
+        return out

@@ -12,15 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from edgeprune import _lazy
-from edgeprune.graph.shapes import Shape, Shapes, infer_shapes
+import numpy as np
 
-# Ops whose output is input 0 moved / viewed / re-typed: matchers walk through them.
-VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Identity", "Flatten",
-                      "Dropout", "Split", "Slice", "Expand", "Contiguous"})
-# Elementwise ops a matcher walks through when exactly one input is constant (scale, bias).
-AFFINE_OPS = frozenset({"Mul", "Div", "Add", "Sub"})
-_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"})
+from edgeprune import _lazy
+from edgeprune.graph.ops import AFFINE_OPS, PASS_THROUGH_OPS, RANDOM_OPS
+from edgeprune.graph.shapes import Shape, Shapes, infer_shapes
+from edgeprune.graph.values import constant_node_value
+
 
 
 @dataclass
@@ -76,26 +74,19 @@ class GraphIndex:
             if node is None:
                 memo[cur] = cur in self.initializers
             elif expanded:
-                memo[cur] = node.op_type not in _RANDOM_OPS and all(memo.get(i, False) for i in node.input if i)
+                memo[cur] = node.op_type not in RANDOM_OPS and all(memo.get(i, False) for i in node.input if i)
             else:
                 stack.append((cur, True))
                 stack.extend((i, False) for i in node.input if i and i not in memo)
         return memo[name]
 
-    def value(self, name: str) -> Any:
+    def value(self, name: str) -> np.ndarray | None:
         """numpy value of an initializer or ``Constant`` output, else None (nothing is computed)."""
-        onnx = _lazy.require("onnx")
         if name in self.initializers:
-            return onnx.numpy_helper.to_array(self.initializers[name])
+            return _lazy.require("onnx").numpy_helper.to_array(self.initializers[name])
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return onnx.numpy_helper.to_array(attr.t)
-                if attr.name in ("value_float", "value_int"):
-                    return onnx.helper.get_attribute_value(attr)
-                if attr.name in ("value_floats", "value_ints"):
-                    return list(onnx.helper.get_attribute_value(attr))
+            return constant_node_value(node)
         return None
 
     def scalar(self, name: str) -> float | None:
@@ -103,8 +94,6 @@ class GraphIndex:
         value = self.value(name)
         if value is None:
             return None
-        import numpy as np
-
         arr = np.asarray(value)
         return float(arr.reshape(-1)[0]) if arr.size == 1 else None
 
@@ -117,13 +106,6 @@ class GraphIndex:
 
     def users(self, tensor: str) -> list[Any]:
         return self.consumers.get(tensor, [])
-
-    def attr(self, node: Any, name: str, default: Any = None) -> Any:
-        onnx = _lazy.require("onnx")
-        for attribute in node.attribute:
-            if attribute.name == name:
-                return onnx.helper.get_attribute_value(attribute)
-        return default
 
     def depends_on(self, tensor: str, targets: Iterable[str], *, skip_constants: bool = True) -> bool:
         """True when ``tensor`` is computed (transitively) from any of ``targets``."""
@@ -201,7 +183,7 @@ class Walk:
 
 def data_input(index: GraphIndex, node: Any) -> int | None:
     """Which input of a view/affine node carries the data, or None when it is not a pass-through."""
-    if node.op_type in VIEW_OPS:
+    if node.op_type in PASS_THROUGH_OPS:
         return 0
     if node.op_type in AFFINE_OPS and len(node.input) == 2:
         const = [index.is_constant(i) for i in node.input]

@@ -9,9 +9,10 @@ inputs. That keeps models above protobuf's 2 GB limit inferable and avoids copyi
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 from edgeprune import _lazy
+from edgeprune.graph.values import constant_node_value, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +21,7 @@ Shape = tuple[Dim, ...]
 Shapes = dict[str, Shape]
 
 # Initializers larger than this are weights, never shape tensors; inference sees only their type.
-_LIGHT_BYTES = 64 * 1024
-
-
-def _nbytes(tensor: Any) -> int:
-    count = 1
-    for dim in tensor.dims:
-        count *= int(dim)
-    return len(tensor.raw_data) if tensor.raw_data else count * 8   # typed fields: upper bound
+LIGHT_BYTES = 64 * 1024
 
 
 def light_model(model: Any) -> Any:
@@ -37,7 +31,7 @@ def light_model(model: Any) -> Any:
     small, inputs = [], list(graph.input)
     known = {i.name for i in graph.input}
     for init in graph.initializer:
-        if _nbytes(init) <= _LIGHT_BYTES and init.data_location != 1:
+        if tensor_nbytes(init) <= LIGHT_BYTES and init.data_location != 1:
             small.append(init)
         elif init.name not in known:
             inputs.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
@@ -115,11 +109,9 @@ def _contrib_value_infos(light: Any, shapes: Shapes, types: dict[str, int]) -> l
     return added
 
 
-def infer_shapes(model: Any) -> Shapes:
-    """Tensor name -> shape for graph inputs, initializers, outputs and intermediates.
-
-    Tensors whose shape inference cannot determine are absent from the result.
-    """
+def infer_shapes_and_types(model: Any) -> tuple[Shapes, dict[str, int]]:
+    """(tensor -> shape, tensor -> element type) for graph inputs, initializers, outputs and
+    intermediates; tensors whose shape inference cannot determine are absent."""
     light = light_model(model)
     shapes, types = _run_inference(light)
     for _ in range(len(light.graph.node)):
@@ -130,7 +122,39 @@ def infer_shapes(model: Any) -> Shapes:
         shapes, types = _run_inference(light)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
-    return shapes
+        types[init.name] = init.data_type
+    return shapes, types
+
+
+def infer_shapes(model: Any) -> Shapes:
+    """Tensor name -> shape for graph inputs, initializers, outputs and intermediates.
+
+    Tensors whose shape inference cannot determine are absent from the result.
+    """
+    return infer_shapes_and_types(model)[0]
+
+
+TensorInfo = dict[str, tuple[int, tuple[int | None, ...]]]   # tensor -> (elem type, shape; None = unknown dim)
+
+
+def tensor_info(model: Any) -> TensorInfo:
+    """Element type and shape (unknown and symbolic dims as None) of every typed tensor."""
+    shapes, types = infer_shapes_and_types(model)
+    return {name: (types[name], tuple(d if isinstance(d, int) else None for d in shape))
+            for name, shape in shapes.items() if name in types}
+
+
+def static_shapes(model: Any, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Static shapes of those ``names`` whose every dimension is known (inputs, initializers,
+    ``Constant`` outputs, inferred intermediates)."""
+    wanted = set(names)
+    shapes = infer_shapes(model)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in wanted and node.output[0] not in shapes:
+            value = constant_node_value(node)
+            if value is not None:
+                shapes[node.output[0]] = tuple(value.shape)
+    return {n: tuple(int(d) for d in s) for n, s in shapes.items() if n in wanted and is_static(s)}
 
 
 def is_static(shape: Shape | None) -> bool:

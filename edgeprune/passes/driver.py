@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from edgeprune import _lazy
-from edgeprune.errors import InternalError, InvalidModelError, ModelNotFoundError
+from edgeprune.errors import InternalError
+from edgeprune.graph.edit import WorkingModel
+from edgeprune.graph.files import load_model, save_onnx
+from edgeprune.graph.values import initializer_nbytes
 from edgeprune.io import atomic_path, check_writable
 from edgeprune.passes.discovery.discover import discover, require_parts
 from edgeprune.passes.discovery.overrides import Overrides, parse_overrides
@@ -34,7 +37,6 @@ from edgeprune.passes.verify import VerifyReport, compare_models
 log = logging.getLogger(__name__)
 
 REWRITE_KEY = "edgeprune.rewrite"
-_EXTERNAL_DATA_BYTES = 1_800_000_000      # protobuf cannot serialize 2 GB; keep a margin
 
 
 @dataclass(frozen=True)
@@ -67,67 +69,6 @@ class RewriteReport:
             out.append(f"drift against the input model, inputs {self.verification.inputs}:")
             out += self.verification.lines()
         return out + [f"note: {n}" for n in self.notes]
-
-
-# ------------------------------------------------------------------ load / save
-def load_model(path: str | os.PathLike) -> Any:
-    """``onnx.load`` with one-line user errors for a missing, empty or corrupt file."""
-    onnx = _lazy.require("onnx")
-    p = Path(path)
-    if not p.exists():
-        raise ModelNotFoundError(f"model file {p} does not exist; give the path of an .onnx file")
-    if p.is_dir():
-        raise ModelNotFoundError(f"{p} is a directory; give the path of an .onnx file")
-    from google.protobuf.message import DecodeError
-
-    try:
-        model = onnx.load(str(p))
-    except (DecodeError, OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"cannot read {p} as ONNX ({first}); re-export the model or check the file") from exc
-    if not model.graph.node or not model.opset_import:
-        raise InvalidModelError(f"{p} is not an ONNX model (no graph nodes or opset); re-export the model")
-    return model
-
-
-def initializer_bytes(model: Any) -> int:
-    return sum(len(t.raw_data) if t.raw_data else 4 * max(1, _count(t.dims)) for t in model.graph.initializer)
-
-
-def _count(dims: Sequence[int]) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
-
-def save_model(model: Any, path: Path, final_name: str) -> str | None:
-    """Save (with external data named after the final file when the model is too big)."""
-    onnx = _lazy.require("onnx")
-    if initializer_bytes(model) < _EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path))
-        return None
-    location = f"{final_name}.data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=1024)
-    return location
-
-
-# ------------------------------------------------------------------ graph hygiene
-def cleanup(model: Any) -> Any:
-    """Remove dead nodes/tensors and sort topologically (onnx-graphsurgeon), keeping model metadata."""
-    gs = _lazy.require("onnx_graphsurgeon")
-    graph = gs.import_onnx(model)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    out.producer_name, out.producer_version = model.producer_name, model.producer_version
-    out.doc_string, out.model_version, out.domain = model.doc_string, model.model_version, model.domain
-    for prop in model.metadata_props:
-        out.metadata_props.add(key=prop.key, value=prop.value)
-    return out
 
 
 def _record_rewrite(model: Any, passes: Sequence[str], precision: str) -> None:
@@ -164,18 +105,20 @@ def _precision_pass(precision: str | Any) -> tuple[str, Any | None]:
 
 
 def apply_passes(model: Any, chain: Sequence[Any], structure: DecoderStructure, ov: Overrides) -> Any:
-    """Apply each pass; later passes that need decoder parts see a fresh discovery."""
+    """Apply each pass to one working model, clean up and export once (onnx-graphsurgeon's design).
+
+    Later passes that need decoder parts see a fresh discovery of the model as it is then.
+    """
+    working = WorkingModel(model)
     current = structure
     for i, p in enumerate(chain):
         if i > 0 and p.requires:
-            current = discover(model, ov)
+            current = discover(working.proto(), ov)
             require_parts(current, p.requires, f"--method {p.name}")
         started = time.perf_counter()
-        model = p.apply(model, current)
-        if model is None:
-            raise InternalError(f"pass {p.name!r} returned no model")
+        p.apply(working, current)
         log.debug("pass %s: %.2f s", p.name, time.perf_counter() - started)
-    return model
+    return working.finish()
 
 
 def rewrite(in_path: str | os.PathLike, out_path: str | os.PathLike, passes: Sequence[Any], *,
@@ -189,18 +132,18 @@ def rewrite(in_path: str | os.PathLike, out_path: str | os.PathLike, passes: Seq
     precision_name, precision_pass = _precision_pass(precision)
     chain = list(passes) + ([precision_pass] if precision_pass is not None else [])
     model = load_model(in_path)
-    nodes_before, bytes_before = len(model.graph.node), initializer_bytes(model)
+    nodes_before, bytes_before = len(model.graph.node), initializer_nbytes(model)
     for p in chain:
         model = p.prepare(model) if hasattr(p, "prepare") else model
     structure = discover(model, ov)
     if chain:
         require_parts(structure, chain[0].requires, f"--method {chain[0].name}")
-    out = cleanup(apply_passes(model, chain, structure, ov))
+    out = apply_passes(model, chain, structure, ov)
     names = tuple(p.name for p in passes)
     _record_rewrite(out, names, precision_name)
     external, report = _save_checked(out, target, in_path, verify, seed, verify_inputs)
     return RewriteReport(str(in_path), str(target), names, precision_name, structure, nodes_before,
-                         len(out.graph.node), bytes_before, initializer_bytes(out),
+                         len(out.graph.node), bytes_before, initializer_nbytes(out),
                          time.perf_counter() - started, report, external)
 
 
@@ -210,7 +153,7 @@ def _save_checked(model: Any, target: Path, in_path: str | os.PathLike, verify: 
     external = None
     try:
         with atomic_path(target, suffix=".onnx") as tmp:
-            external = save_model(model, tmp, target.name)
+            external = save_onnx(model, tmp, target.name)
             check_model(tmp)
             report = compare_models(in_path, tmp, seed=seed, inputs=inputs) if verify else None
     except BaseException:

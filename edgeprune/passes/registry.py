@@ -12,8 +12,10 @@ A pass is a class with
   validate in ``from_args``;
 - ``from_args(args)`` (classmethod): an instance from parsed arguments (raise ParameterError
   for out-of-range values);
-- ``apply(model, structure) -> onnx.ModelProto``: the rewrite. It may edit ``model`` in place
-  and return it. It must not keep matches on ``self``;
+- ``apply(working, structure) -> None``: the rewrite, on a ``graph.edit.WorkingModel``: edit
+  ``working.graph()`` (onnx-graphsurgeon) in place, or build a new ModelProto from
+  ``working.proto()`` and hand it to ``working.replace``. The driver cleans up and exports
+  once after the last pass. A pass must not keep matches on ``self``;
 - ``prepare(model) -> onnx.ModelProto`` (optional, BasePass: no-op): normalizations the pass
   needs before discovery runs, e.g. ``normalize.split_shared_projections`` (undo onnxsim's
   merging of all layers' key projections into one MatMul + Split). The structure the pass
@@ -58,7 +60,7 @@ class Pass(Protocol):
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Pass: ...
 
-    def apply(self, model: Any, structure: Any) -> Any: ...
+    def apply(self, working: Any, structure: Any) -> None: ...
 
     def prepare(self, model: Any) -> Any: ...
 
@@ -78,7 +80,7 @@ class BasePass:
     def from_args(cls, args: argparse.Namespace | None) -> BasePass:
         return cls()
 
-    def apply(self, model: Any, structure: Any) -> Any:
+    def apply(self, working: Any, structure: Any) -> None:
         raise NotImplementedError
 
     def prepare(self, model: Any) -> Any:
@@ -96,8 +98,8 @@ class IdentityPass(BasePass):
     name = "none"
     help = "no graph change (use with --precision fp16, or to check and re-save a model)"
 
-    def apply(self, model: Any, structure: Any) -> Any:
-        return model
+    def apply(self, working: Any, structure: Any) -> None:
+        """Nothing to edit."""
 
 
 def _load(spec: str) -> type:

@@ -18,6 +18,7 @@ from edgeprune.passes.discovery.attention import find_attentions
 from edgeprune.passes.discovery.discover import discover, is_cross_attention
 from edgeprune.report.flops import DecoderFlops, DecoderSizes, PruningEstimate, decoder_flops, estimate_tggbc
 from edgeprune.graph.index import GraphIndex, name_nodes
+from edgeprune.graph.values import attr
 from edgeprune.passes.discovery.structure import DecoderStructure
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def _linear_width(index: GraphIndex, node: Any, side: str) -> int | None:
     shape = index.shape(node.input[1])
     if shape is None or len(shape) != 2:
         return None
-    rows, cols = (shape[1], shape[0]) if node.op_type == "Gemm" and index.attr(node, "transB", 0) else shape
+    rows, cols = (shape[1], shape[0]) if node.op_type == "Gemm" and attr(node, "transB", 0) else shape
     return rows if side == "in" else cols
 
 
@@ -128,7 +129,7 @@ def decoder_sizes(index: GraphIndex, structure: DecoderStructure) -> DecoderSize
 def describe_model(path: str | os.PathLike, *, overrides: Sequence[str] | None = None,
                    r: int | None = None, n: int | None = None, k: int = 0) -> ModelDescription:
     """Discover the decoder of the model at ``path``; with ``r``/``n``, also the tgGBC estimate."""
-    from edgeprune.passes.driver import load_model
+    from edgeprune.graph.files import load_model
 
     model = load_model(path)
     name_nodes(model)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from edgeprune.graph.index import GraphIndex, Walk, walk_up
+from edgeprune.graph.values import attr
 from edgeprune.passes.discovery.structure import AttentionProbs, MaskInput, ProjectionInput
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _projection_node(index: GraphIndex, walk: Walk) -> tuple[Any, int] | None:
     node = walk.node
     if node is None:
         return None
-    if node.op_type == "Gemm" and not index.attr(node, "transA", 0) and index.is_constant(node.input[1]):
+    if node.op_type == "Gemm" and not attr(node, "transA", 0) and index.is_constant(node.input[1]):
         return node, 0
     if node.op_type == "MatMul":
         const = [index.is_constant(i) for i in node.input]
@@ -215,7 +216,7 @@ def match_softmax_attention(index: GraphIndex, softmax: Any) -> AttentionMatch |
     probs_shape = index.shape(softmax.output[0])
     if not _static(probs_shape) or len(probs_shape) not in (3, 4):
         return None
-    axis = index.attr(softmax, "axis", -1)
+    axis = attr(softmax, "axis", -1)
     if axis not in (-1, len(probs_shape) - 1):
         return None
     nq, nk = probs_shape[-2], probs_shape[-1]
@@ -279,7 +280,7 @@ def _fused_geometry(index: GraphIndex, node: Any) -> tuple[int, int, int, int] |
         return q_shape[1], q_shape[0], q_shape[2], k_shape[2]
     if len(q_shape) != 3:
         return None
-    heads = index.attr(node, "q_num_heads" if node.op_type == "Attention" else "num_heads")
+    heads = attr(node, "q_num_heads" if node.op_type == "Attention" else "num_heads")
     if not heads:
         return None
     return int(heads), q_shape[0], q_shape[1], k_shape[1]
@@ -311,7 +312,7 @@ def match_fused_attention(index: GraphIndex, node: Any) -> AttentionMatch | None
         return None
     query = find_projection(index, node.input[0], nq)
     bias = node.input[3] if node.op_type == "MultiHeadAttention" and len(node.input) > 3 and node.input[3] else None
-    scale = index.attr(node, "scale")
+    scale = attr(node, "scale")
     probs = AttentionProbs(tensor=None, layout="fused", num_heads=heads, fused_qk=(node.input[0], node.input[1]),
                            scale=float(scale) if scale else None, fused_bias=bias)
     path = [n.name for n in key.path + value.path]

@@ -28,6 +28,8 @@ from edgeprune.errors import InvalidModelError, PatternNotFoundError
 from edgeprune.passes.discovery.attention import AttentionMatch, find_attentions, find_projection, \
     match_softmax_attention
 from edgeprune.graph.index import GraphIndex, name_nodes
+from edgeprune.graph.ops import LAYOUT_OPS, STACK_VIEWS
+from edgeprune.graph.values import attr
 from edgeprune.passes.discovery.overrides import LAYER_PARTS, Overrides, TensorSpec, parse_overrides
 from edgeprune.passes.discovery.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, \
     ProjectionInput
@@ -36,7 +38,6 @@ log = logging.getLogger(__name__)
 
 CLS_OUTPUT_NAME = "all_cls_scores"
 _CLS_HINT = re.compile(r"cls|score|logit|class", re.IGNORECASE)
-_STACK_VIEWS = ("Unsqueeze", "Reshape", "Identity")
 
 
 def discover(model: Any, overrides: Overrides | Mapping[str, str] | Sequence[str] | None = None,
@@ -128,13 +129,10 @@ def is_cross_attention(index: GraphIndex, match: AttentionMatch) -> bool:
     return not duplicate
 
 
-_VIEWS = frozenset({"Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Expand"})
-
-
 def _view_root(index: GraphIndex, tensor: str) -> str:
     """The tensor ``tensor`` is a view of (through Transpose/Reshape/Cast ...)."""
     node = index.producer.get(tensor)
-    while node is not None and node.op_type in _VIEWS:
+    while node is not None and node.op_type in LAYOUT_OPS:
         tensor = node.input[0]
         node = index.producer.get(tensor)
     return tensor
@@ -198,14 +196,14 @@ def _producer_through(index: GraphIndex, tensor: str, ops: Iterable[str]) -> tup
 def _stack_inputs(index: GraphIndex, output: str) -> list[str] | None:
     """Inputs of the axis-0 Concat producing ``output`` (through Identity), or None."""
     _, node = _producer_through(index, output, ("Identity",))
-    if node is None or node.op_type != "Concat" or index.attr(node, "axis") != 0:
+    if node is None or node.op_type != "Concat" or attr(node, "axis") != 0:
         return None
     return list(node.input)
 
 
 def _is_linear(index: GraphIndex, tensor: str) -> bool:
     """True when ``tensor`` (through views) is a Linear's output: MatMul/Gemm [+ constant bias]."""
-    _, node = _producer_through(index, tensor, _STACK_VIEWS)
+    _, node = _producer_through(index, tensor, STACK_VIEWS)
     if node is not None and node.op_type == "Add":
         data = [i for i in node.input if not index.is_constant(i)]
         node = index.producer.get(data[0]) if len(data) == 1 else None

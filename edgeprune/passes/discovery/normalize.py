@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.graph.index import GraphIndex, name_nodes
+from edgeprune.graph.values import attr
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ def _split_sizes(index: GraphIndex, split: Any, width: int) -> list[int] | None:
     if len(split.input) > 1 and split.input[1]:
         sizes = index.value(split.input[1])
         return None if sizes is None else [int(s) for s in np.asarray(sizes).reshape(-1)]
-    attr = index.attr(split, "split")
-    if attr:
-        return [int(s) for s in attr]
+    listed = attr(split, "split")
+    if listed:
+        return [int(s) for s in listed]
     parts = len(split.output)
     return [width // parts] * parts if width % parts == 0 else None
 
@@ -46,7 +47,7 @@ def _merged(index: GraphIndex, node: Any) -> tuple | None:
     if len(users) != 1 or users[0].op_type != "Split" or node.output[0] in index.outputs:
         return None
     split, weight = users[0], index.value(node.input[1])
-    if weight.ndim != 2 or index.attr(split, "axis", 0) not in (-1, len(index.shape(node.output[0]) or ()) - 1):
+    if weight.ndim != 2 or attr(split, "axis", 0) not in (-1, len(index.shape(node.output[0]) or ()) - 1):
         return None
     sizes = _split_sizes(index, split, weight.shape[1])
     if sizes is None or sum(sizes) != weight.shape[1] or len(sizes) != len(split.output):

@@ -34,7 +34,8 @@ import numpy as np
 from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ParameterError, PatternNotFoundError
 from edgeprune.methods.tggbc import CLASS_REDUCTIONS, TgGBCConfig, schedule     # torch-free: config and schedule
-from edgeprune.graph.edit import BOOL, FLOAT, GraphEditor, export_graph, model_opset, tensor_info
+from edgeprune.graph.edit import BOOL, FLOAT, GraphEditor, WorkingModel, model_opset
+from edgeprune.graph.shapes import tensor_info
 from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
                                       key_counts_from_args)
 from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure, MaskInput
@@ -302,16 +303,18 @@ def _check_model(model: Any, structure: DecoderStructure) -> int:
     return opset
 
 
-def rewrite_key_pruning(model: Any, structure: DecoderStructure, plan: KeyPruningPlan) -> Any:
-    """Insert the scoring/selection nodes of ``plan`` and gather the later layers' keys.
+def rewrite_key_pruning(working: WorkingModel, structure: DecoderStructure, plan: KeyPruningPlan) -> None:
+    """Insert the scoring/selection nodes of ``plan`` and gather the later layers' keys, in place.
 
-    Returns a new ``onnx.ModelProto`` (``model`` itself when the plan prunes nothing, so
-    ``r=0`` reproduces the input exactly).
+    Leaves ``working`` untouched when the plan prunes nothing, so ``r=0`` reproduces the input
+    exactly.
     """
     if not plan.steps:
-        return model
+        return
     gs = _lazy.require("onnx_graphsurgeon")
-    ed = GraphEditor(gs, gs.import_onnx(model), _check_model(model, structure), tensor_info(model), scope=PREFIX)
+    model = working.proto()
+    opset, info = _check_model(model, structure), tensor_info(model)
+    ed = GraphEditor(gs, working.graph(), opset, info, scope=PREFIX)
     gatherer = _Gatherer(ed, plan, structure.num_heads)
     feeder = KeyFeeder(ed, structure, plan.feed(structure), gatherer)
     chained = None
@@ -321,8 +324,7 @@ def rewrite_key_pruning(model: Any, structure: DecoderStructure, plan: KeyPrunin
             chained = kept if chained is None else ed.op("GatherElements", [chained, kept], "chained", axis=1)
         gatherer.indices[s + 1] = chained                                          # into the original keys
         feeder.feed_stage(s + 1)
-    ed.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return export_graph(gs, ed.graph, model, {METADATA_KEY: describe_plan(plan)})
+    working.set_metadata(METADATA_KEY, describe_plan(plan))
 
 
 def describe_plan(plan: KeyPruningPlan) -> dict[str, Any]:
@@ -369,11 +371,11 @@ class KeyPruningPass(KeyReductionPass):
             raise ParameterError(f"--k must be >= 0 (got --k {config.k})")
         return cls(config, tensorrt=bool(getattr(args, "tensorrt", False)))
 
-    def apply(self, model: Any, structure: DecoderStructure) -> Any:
+    def apply(self, working: WorkingModel, structure: DecoderStructure) -> None:
         plan = plan_key_pruning(structure, self.config, self.tensorrt)
         log.info("tgGBC r=%d n=%d k=%d: pruning after layers %s, keys per layer %s", self.config.r, self.config.n,
                  self.config.k, [s.layer for s in plan.steps], list(plan.keys_per_layer))
-        return rewrite_key_pruning(model, structure, plan)
+        rewrite_key_pruning(working, structure, plan)
 
     def __repr__(self) -> str:
         return f"KeyPruningPass({self.config!r}, tensorrt={self.tensorrt})"

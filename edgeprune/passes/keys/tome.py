@@ -36,7 +36,7 @@ import numpy as np
 from edgeprune._lazy import require
 from edgeprune.errors import ParameterError, PatternNotFoundError
 from edgeprune.methods.tome import ToMeConfig, max_merges
-from edgeprune.graph.edit import GraphEditor, export_graph, model_opset
+from edgeprune.graph.edit import GraphEditor, WorkingModel, model_opset
 from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
                                       key_counts_from_args, projection_inputs)
 from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure
@@ -306,30 +306,29 @@ def _to_batch_first(ed: GraphEditor, data: Any, axes: KeyAxes) -> Any:
 
 
 # --------------------------------------------------------------------------- the rewrite
-def rewrite_tome(model: Any, structure: DecoderStructure, plan: ToMePlan) -> Any:
-    """Insert the merges of ``plan`` and feed later layers the merged keys.
+def rewrite_tome(working: WorkingModel, structure: DecoderStructure, plan: ToMePlan) -> None:
+    """Insert the merges of ``plan`` and feed later layers the merged keys, in place.
 
-    Returns a new ``onnx.ModelProto`` (``model`` itself when the plan merges nothing).
+    Leaves ``working`` untouched when the plan merges nothing.
     """
     if not plan.steps:
-        return model
+        return
     gs = require("onnx_graphsurgeon")
-    ed = GraphEditor(gs, gs.import_onnx(model), model_opset(model), {}, scope=PREFIX)
+    opset = model_opset(working.proto())
+    ed = GraphEditor(gs, working.graph(), opset, {}, scope=PREFIX)
     merger = _Merger(ed, plan)
     feeder = KeyFeeder(ed, structure, plan.feed(structure), merger)
     for s, step in enumerate(plan.steps):
         merger.add(_matching(ed, step, plan.batch, plan.num_heads))
         feeder.feed_stage(s + 1)
-    ed.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return export_graph(gs, ed.graph, model)
 
 
-def apply_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> Any:
+def apply_tome(working: WorkingModel, structure: DecoderStructure, config: ToMeConfig) -> None:
     """Plan and rewrite in one call."""
-    plan = plan_tome(model, structure, config)
+    plan = plan_tome(working.proto(), structure, config)
     log.info("ToMe: merges after layers %s, keys per layer %s", [s.layer for s in plan.steps],
              list(plan.keys_per_layer))
-    return rewrite_tome(model, structure, plan)
+    rewrite_tome(working, structure, plan)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -353,8 +352,8 @@ class TokenMergingPass(KeyReductionPass):
                 raise ParameterError(f"{flag} is a tgGBC option; --method tome takes --r and --n")
         return cls(r=r, n=n)
 
-    def apply(self, model: Any, structure: DecoderStructure) -> Any:
-        return apply_tome(model, structure, self.config)
+    def apply(self, working: WorkingModel, structure: DecoderStructure) -> None:
+        apply_tome(working, structure, self.config)
 
     def __repr__(self) -> str:
         return f"TokenMergingPass(r={self.config.r}, n={self.config.n})"

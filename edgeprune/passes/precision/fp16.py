@@ -69,6 +69,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from edgeprune._lazy import require
 from edgeprune.errors import InternalError, InvalidModelError
+from edgeprune.graph.edit import export_graph
+from edgeprune.graph.files import needs_external_data
 from edgeprune.passes.registry import BasePass
 
 log = logging.getLogger(__name__)
@@ -211,11 +213,7 @@ def remove_cast_round_trips(model: Any) -> tuple[Any, int]:
     _merge_duplicate_casts(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     after = sum(1 for n in graph.nodes if n.op == "Cast")
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    return out, before - after
+    return export_graph(gs, graph, model, keep_shapes=True), before - after
 
 
 def _is_float_cast(node: Any) -> bool:
@@ -325,9 +323,6 @@ def _cpu_session(model: Any) -> Any:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-_MEASURE_LIMIT = 1_500_000_000     # bytes of weights: larger models cannot be serialized in memory
-
-
 class Fp16Pass(BasePass):
     """``--precision fp16``: :func:`convert_fp16` after every method pass (or alone with ``--method none``).
 
@@ -347,16 +342,17 @@ class Fp16Pass(BasePass):
     def from_args(cls, args: Any) -> Fp16Pass:
         return cls(measure=not getattr(args, "no_verify", False))
 
-    def apply(self, model: Any, structure: Any) -> Any:
+    def apply(self, working: Any, structure: Any) -> None:
+        model = working.proto()
         converted = convert_fp16(model)
+        working.replace(converted)
         if not self.measure:
-            return converted
-        if sum(len(t.raw_data) for t in model.graph.initializer) > _MEASURE_LIMIT:
+            return
+        if needs_external_data(model):
             log.info("fp16: model too large to compare in memory; see the verification below")
-            return converted
+            return
         for deviation in measure_deviation(model, converted):
             log.info("fp16 vs fp32 graph (random inputs): %s", deviation.summary())
-        return converted
 
     def __repr__(self) -> str:
         return f"Fp16Pass(measure={self.measure})"

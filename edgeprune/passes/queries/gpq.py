@@ -618,14 +618,15 @@ class QueryPruningPass(BasePass):
         return cls(keep_indices=load_keep_indices(path) if path is not None else None, keep_queries=k,
                    calib=load_calibration(calib) if calib is not None else None)
 
-    def apply(self, model: Any, structure: Any) -> Any:
+    def apply(self, working: Any, structure: Any) -> None:
+        model = working.proto()
         space = resolve_query_space(model, structure)
         kept = self.keep_indices
         if kept is None:
             assert self.keep_queries is not None and self.calib is not None
             kept = tuple(rank_queries_one_shot(model, self.calib, self.keep_queries, space))
         small, _ = shrink_queries(model, kept, space)
-        return small
+        working.replace(small)
 
     def __repr__(self) -> str:
         how = f"{len(self.keep_indices)} indices" if self.keep_indices is not None else f"top {self.keep_queries}"
