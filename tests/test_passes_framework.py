@@ -258,11 +258,7 @@ def test_flops_reproduce_the_papers_table_7() -> None:
     assert est.after.cross_total / 1e9 == pytest.approx(58.84, rel=0.003)
 
 
-def test_flops_schedule_matches_the_torch_reference() -> None:
-    from edgeprune.methods.tggbc import schedule
-
-    for r, n, layers in [(9002, 2, 6), (21000, 1, 6), (12000, 5, 6), (7, 3, 3), (0, 2, 6), (5, 0, 6), (30, 3, 3)]:
-        assert flops.drop_schedule(r, n, layers) == schedule(r, n, layers)
+def test_keys_per_layer_follow_the_drops() -> None:
     assert flops.keys_per_layer(24000, [10500, 10500, 0, 0, 0, 0]) == [24000, 13500, 3000, 3000, 3000, 3000]
 
 

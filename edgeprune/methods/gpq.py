@@ -15,7 +15,7 @@ Usage in any training loop::
         pruner.record(out.layer_logits[-1].detach())               # [B, Nq_kept, C]
         pruner.step()                                              # drops one every interval
     small_head = pruner.prune_model(model.head)
-    # for an exported graph: edgeprune.passes.gpq.save_keep_indices("kept.json", pruner.kept_indices)
+    # for an exported graph: edgeprune.passes.queries.gpq.save_keep_indices("kept.json", pruner.kept_indices)
     # then: edgeprune rewrite d.onnx -o small.onnx --method gpq --keep-indices kept.json
 """
 from __future__ import annotations

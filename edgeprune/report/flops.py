@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from edgeprune.errors import ParameterError
+from edgeprune.methods.tggbc import TgGBCConfig      # torch-free: config, validation, schedule
 
 
 def matmul_flops(m: int, n: int, p: int) -> int:
@@ -70,30 +70,6 @@ def importance_flops(num_queries: int, num_keys: int, num_heads: int, k: int) ->
 
 def ffn_flops(num_queries: int, embed_dims: int, hidden: int) -> int:
     return matmul_flops(num_queries, embed_dims, hidden) + matmul_flops(num_queries, hidden, embed_dims)
-
-
-def drop_schedule(r: int, n: int, num_layers: int) -> list[int]:
-    """Keys dropped after each layer (methods.md): ``r // n`` made even, the remainder on layer n-1.
-
-    Same rule as ``edgeprune.methods.tggbc.schedule`` (which needs torch); r <= 0 or n <= 0: none.
-    """
-    if r <= 0 or n <= 0:
-        return [0] * num_layers
-    per_layer = r // n
-    per_layer -= per_layer % 2
-    return [per_layer] * (n - 1) + [r - (n - 1) * per_layer] + [0] * (num_layers - n)
-
-
-def check_tggbc(r: int, n: int, k: int, *, num_keys: int, num_layers: int, num_queries: int) -> None:
-    """ParameterError for (r, n, k) tgGBC cannot run with on this decoder."""
-    if r < 0 or n < 0 or k < 0:
-        raise ParameterError(f"r, n and k must be >= 0 (got r={r}, n={n}, k={k})")
-    if r > 0 and n > 0 and r >= num_keys:
-        raise ParameterError(f"r={r} must be smaller than the number of keys ({num_keys})")
-    if n > num_layers:
-        raise ParameterError(f"n={n} exceeds the number of decoder layers ({num_layers})")
-    if k > num_queries:
-        raise ParameterError(f"k={k} exceeds the number of queries ({num_queries}); use k=0 for all")
 
 
 def keys_per_layer(num_keys: int, drops: Sequence[int]) -> list[int]:
@@ -199,6 +175,5 @@ class PruningEstimate:
 
 def estimate_tggbc(sizes: DecoderSizes, r: int, n: int, k: int = 0) -> PruningEstimate:
     """Validate (r, n, k) against the decoder and count FLOPs before and after pruning."""
-    check_tggbc(r, n, k, num_keys=sizes.num_keys, num_layers=sizes.num_layers, num_queries=sizes.num_queries)
-    drops = drop_schedule(r, n, sizes.num_layers)
+    drops = TgGBCConfig(r=r, n=n, k=k).layer_schedule(sizes.num_keys, sizes.num_layers, sizes.num_queries)
     return PruningEstimate(r, n, k, tuple(drops), decoder_flops(sizes), decoder_flops(sizes, drops, k))

@@ -21,7 +21,7 @@ from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ModelNotFoundError, ParameterError
 
 if TYPE_CHECKING:
-    from edgeprune.passes.queries.gpq import QuerySpace
+    from edgeprune.passes.queries.space import QuerySpace
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def load_keep_indices(path: str | os.PathLike) -> list[int]:
     source = Path(path)
     if not source.is_file():
         raise ModelNotFoundError(f"keep-indices file {source} does not exist; write it with "
-                                 "edgeprune.passes.gpq.save_keep_indices(path, pruner.kept_indices)")
+                                 "edgeprune.passes.queries.gpq.save_keep_indices(path, pruner.kept_indices)")
     try:
         if source.suffix == ".npy":
             raw = np.load(source, allow_pickle=False)
@@ -157,7 +157,7 @@ def rank_queries_one_shot(model: Any, calib: Mapping[str, np.ndarray], keep: int
     Logs ``edgeprune.methods.gpq.ONE_SHOT_WARNING``: fine-tuning with GPQPruner is better.
     """
     from edgeprune.methods.gpq import ONE_SHOT_WARNING
-    from edgeprune.passes.queries.gpq import resolve_query_space        # the query space lives with the shrink
+    from edgeprune.passes.queries.space import resolve_query_space
 
     space = space or resolve_query_space(model)
     if not 0 < keep <= space.num_queries:
