@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from edgeprune.cli.progress import progress_bar
@@ -157,19 +155,13 @@ def _print_profiles(report: Any, top: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeprune.runners.bench import open_runner, run_bench
-    from edgeprune.runners.precision import plan_models
+    from edgeprune.runners.bench import benchmark
     from edgeprune.runners.report import format_table
 
     options = _options(args)
     _check_outputs(args)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
-        specs = plan_models(args.models, args.precision, Path(tmp))
-        total = options.repeats * len(specs) if args.time_budget is None else None
-        with progress_bar(total) as progress:
-            runner, options = open_runner(args.device, options, progress)
-            with runner:
-                report = run_bench(specs, options, runner)
+    with progress_bar() as progress:       # the total comes with each progress call
+        report = benchmark(args.models, options, precision=args.precision, device=args.device, progress=progress)
     print(format_table(report))
     for warning in report.warnings:
         log.warning("warning: %s", warning)

@@ -142,11 +142,15 @@ def benchmark(paths: Sequence[str | Path], options: BenchOptions = BenchOptions(
     """Benchmark model files (plus their fp16 variants per ``precision``) on ``device``.
 
     ``device`` is ``local`` (this machine, in this process) or a device profile name or path;
-    unset providers/threads/affinity come from its profile, as on the command line.
+    unset providers/threads/affinity come from its profile, as on the command line (which
+    calls this function). ``progress(done, total)`` is called after every timed run (``total``
+    is the upper bound). fp16 copies live in a temporary directory removed on return, also on
+    error.
     """
+    options = options.validate()
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         specs = plan_models(paths, precision, Path(tmp))
-        runner, options = open_runner(device, options.validate(), progress)
+        runner, options = open_runner(device, options, progress)
         with runner:
             return run_bench(specs, options, runner)
 
