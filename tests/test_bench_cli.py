@@ -1,7 +1,6 @@
 """`edgeprune bench` end to end on this machine, through the real CLI dispatcher."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
@@ -12,9 +11,6 @@ from _runner_models import matmul_chain
 from edgeprune.cli import main as cli_main
 from edgeprune.cli.bench_cmd import parse_affinity, parse_providers
 from edgeprune.errors import ParameterError
-
-HAS_FP16_PASS = importlib.util.find_spec("edgeprune.passes.fp16") is not None
-
 
 @pytest.fixture(autouse=True)
 def only_bench(monkeypatch, tmp_path):
@@ -90,16 +86,6 @@ def test_already_fp16_model_runs_as_is(models, tmp_path, capsys):
     assert m["precision"] == "fp16" and m["inputs"]["x"][1] == "float16" and m["source"] is None
 
 
-def test_fp16_conversion_missing_is_a_clear_error(models, tmp_path, capsys, monkeypatch):
-    """An installation without the rewrite issue's converter (simulated: import blocked)."""
-    monkeypatch.setitem(sys.modules, "edgeprune.passes.fp16", None)
-    paths, _ = models
-    code, _, err = _bench(capsys, paths["a"], "--precision", "both", "--json", tmp_path / "r.json")
-    assert code == 2 and "edgeprune rewrite --precision fp16" in _one_line_error(err)
-    assert not (tmp_path / "r.json").exists()
-
-
-@pytest.mark.skipif(not HAS_FP16_PASS, reason="needs edgeprune.passes.fp16 (rewrite issue)")
 def test_precision_both(models, tmp_path, capsys):
     paths, weights = models
     code, out, err = _bench(capsys, paths["a"], "--precision", "both", "--free-dim", "batch=2", "--repeats", "3",
@@ -186,7 +172,6 @@ def test_device_profile_path_sets_defaults(models, tmp_path, capsys):
     assert data["device"] == "box" and data["env"]["threads"] == 1 and data["request"]["threads"] == 1
 
 
-@pytest.mark.skipif(not HAS_FP16_PASS, reason="needs edgeprune.passes.fp16 (rewrite issue)")
 def test_precision_detection_agrees_with_the_converter(models, tmp_path):
     import onnx
 
