@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,18 @@ def test_build_report_rejects_mismatched_answers(pair):
         res = runner.run(req)
     with pytest.raises(InternalError, match="returned 1 models for 2"):
         build_report(res, [ModelSpec("a", str(big)), ModelSpec("b", str(big))], device="local", request=req)
+
+
+def test_fp16_copies_are_removed_after_the_benchmark_also_on_error(pair, tmp_path, monkeypatch):
+    import tempfile
+
+    big, small = pair
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))     # where TemporaryDirectory creates its dirs
+    report = benchmark([small], BenchOptions(repeats=2, free_dims={"batch": 1}), precision="both")
+    assert [m.spec.precision for m in report.models] == ["fp32", "fp16"]
+    assert not Path(report.models[1].spec.path).exists() and list(scratch.iterdir()) == []
+    with pytest.raises(DeviceError, match="no-such-board"):     # fails after the conversion
+        benchmark([small], BenchOptions(repeats=2), precision="fp16", device="no-such-board")
+    assert list(scratch.iterdir()) == []
