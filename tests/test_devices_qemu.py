@@ -30,7 +30,7 @@ ARM_PYTHON = ROOT / "bin" / "python3"
 ARM_PYVER = "3.11"
 ORT_VERSION = "1.22.0"
 PLATFORM = "manylinux_2_28_aarch64"
-AGENT = Path(__file__).resolve().parents[1] / "edgeprune" / "devices" / "agent.py"
+AGENT = Path(__file__).resolve().parents[1] / "edgeprune" / "runners" / "agent.py"
 
 if not (QEMU.is_file() and ARM_PYTHON.is_file()):
     pytest.skip(f"needs {QEMU} and the arm64 python {ARM_PYTHON}: run scripts/setup_qemu_aarch64.sh as root "

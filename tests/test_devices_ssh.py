@@ -24,8 +24,8 @@ from conftest import LoopbackSshd, processes_under
 from edgeprune.cli import main as cli_main
 from edgeprune.devices import load_profile
 from edgeprune.devices.profile import profile_from_dict
-from edgeprune.devices.ssh import SshRunner, sha256_file
 from edgeprune.errors import DeviceError
+from edgeprune.runners.ssh import SshRunner, sha256_file
 
 pytestmark = pytest.mark.ssh
 

@@ -10,7 +10,10 @@ import pytest
 
 from _runner_models import matmul_chain
 from edgeprune.errors import DeviceError, InternalError, ParameterError
-from edgeprune.runners.bench import BenchOptions, benchmark, build_request, open_runner, provider_name, run_bench
+from edgeprune.runners import get_runner
+from edgeprune.runners.bench import (
+    BenchOptions, benchmark, build_request, provider_name, run_bench, with_device_defaults,
+)
 from edgeprune.runners.local import LocalRunner
 from edgeprune.runners.results import ModelSpec, build_report, raise_for_error
 
@@ -97,21 +100,28 @@ def test_provider_aliases():
     assert provider_name("MyExecutionProvider") == "MyExecutionProvider"
 
 
+def _with_defaults(device: str, options: BenchOptions):
+    runner = get_runner(device)
+    return runner, with_device_defaults(options, runner.profile)
+
+
 def test_local_device_takes_defaults_from_the_local_profile(pair, tmp_path, monkeypatch):
     big, small = pair
-    runner, options = open_runner("local", BenchOptions())
+    runner, options = _with_defaults("local", BenchOptions())
     assert isinstance(runner, LocalRunner)
     assert options.providers == (("CPUExecutionProvider", {}),) and options.threads is None
     (tmp_path / "config" / "devices").mkdir(parents=True)
     (tmp_path / "config" / "devices" / "local.json").write_text(json.dumps({"transport": "local", "threads": 1}))
-    _, options = open_runner("local", BenchOptions())
+    _, options = _with_defaults("local", BenchOptions())
     assert options.threads == 1
-    _, options = open_runner("local", BenchOptions(threads=2))      # the command line wins
+    _, options = _with_defaults("local", BenchOptions(threads=2))      # the command line wins
     assert options.threads == 2
-    runner, options = open_runner("local", BenchOptions(repeats=2, free_dims={"batch": 1}))
+    runner, options = _with_defaults("local", BenchOptions(repeats=2, free_dims={"batch": 1}))
     with runner:
         report = run_bench([ModelSpec("small", str(small))], options, runner)
     assert report.env["threads"] == 1 and report.request["threads"] == 1
+    report = benchmark([small], BenchOptions(repeats=2, free_dims={"batch": 1}), device="local")
+    assert report.env["threads"] == 1 and report.device == "local"
 
 
 def test_build_report_rejects_mismatched_answers(pair):
