@@ -12,12 +12,11 @@ from edgeprune.cli import main as cli_main
 from edgeprune.cli.bench_cmd import parse_affinity, parse_providers
 from edgeprune.errors import ParameterError
 
+
 @pytest.fixture(autouse=True)
-def only_bench(monkeypatch, tmp_path):
-    """Dispatch through main() without loading the other teams' subcommand modules; no user profiles."""
-    assert "bench" in cli_main.COMMANDS
+def no_user_profiles(monkeypatch, tmp_path):
+    """An empty user config dir: the packaged `local` profile, not the user's, sets the defaults."""
     monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench",))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +147,6 @@ def test_runs_without_onnx_or_torch(models, tmp_path):
         "import sys\n"
         "for m in ('onnx', 'torch', 'onnxsim', 'onnx_graphsurgeon', 'onnxscript'): sys.modules[m] = None\n"
         "from edgeprune.cli import main\n"
-        "main.COMMANDS = ('bench',)\n"
         f"code = main.main(['bench', {str(paths['a'])!r}, '--free-dim', 'batch=1', '--repeats', '3',"
         f" '--json', {str(tmp_path / 'r.json')!r}])\n"
         "assert not any(sys.modules.get(m) for m in ('onnx', 'torch')), 'heavy module imported'\n"

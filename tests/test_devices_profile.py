@@ -14,13 +14,6 @@ from edgeprune.errors import DeviceError
 from edgeprune.runners import get_runner
 
 
-@pytest.fixture(autouse=True)
-def only_device_commands(monkeypatch):
-    """Dispatch through main() without loading other teams' subcommand modules."""
-    assert {"devices", "wheelhouse"} <= set(cli_main.COMMANDS)
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench", "devices", "wheelhouse"))
-
-
 def test_packaged_profiles(device_config):
     profiles = {p.name: p for p in list_profiles()}
     assert {"orangepi5", "jetson-nano", "local"} <= set(profiles)

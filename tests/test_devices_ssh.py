@@ -30,12 +30,6 @@ from edgeprune.runners.ssh import SshRunner, sha256_file
 pytestmark = pytest.mark.ssh
 
 
-@pytest.fixture(autouse=True)
-def only_device_commands(monkeypatch):
-    """Dispatch through main() without loading other teams' subcommand modules."""
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench", "devices", "wheelhouse"))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("ssh-models")

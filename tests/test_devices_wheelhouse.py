@@ -17,11 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 ISOLATION_FLAGS = ["--no-build-isolation"] if can_build_without_isolation() else []
 
 
-@pytest.fixture(autouse=True)
-def only_device_commands(monkeypatch):
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench", "devices", "wheelhouse"))
-
-
 def test_wheel_is_pure_python_with_agent_and_profiles(tmp_path):
     litter_before = {p.name for p in REPO.iterdir()}
     wheel = build_wheel(tmp_path, build_isolation=not ISOLATION_FLAGS)
