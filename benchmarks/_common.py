@@ -35,12 +35,10 @@ OUTPUTS = ("all_cls_scores", "all_bbox_preds")
 
 # ---------------------------------------------------------------- the machine
 def add_timing_arguments(p: Any, *, warmup: int = 3, repeats: int = 30) -> None:
-    """The options every timing script shares: warm-up, repeats, time budget, threads, --out."""
-    p.add_argument("--warmup", type=int, default=warmup)
-    p.add_argument("--repeats", type=int, default=repeats,
-                   help=f"interleaved rounds = timed runs per model (default {repeats}; upper bound with --time-budget)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop timing after S seconds")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    """The timing options of ``edgeprune bench`` (one definition, ``edgeprune.cli.args``) plus --out."""
+    from edgeprune.cli.args import add_timing_arguments as add_cli_timing_arguments
+
+    add_cli_timing_arguments(p, warmup=warmup, repeats=repeats)
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the .json and .md results")
 
 

@@ -7,17 +7,11 @@ from pathlib import Path
 import pytest
 
 from edgeprune.cli import main as cli_main
-from edgeprune.devices import get_runner, list_profiles, load_profile
+from edgeprune.devices import list_profiles, load_profile
 from edgeprune.devices.profile import PACKAGED_DIR, DeviceProfile
 from edgeprune.devices.wheelhouse import platform_tags
 from edgeprune.errors import DeviceError
-
-
-@pytest.fixture(autouse=True)
-def only_device_commands(monkeypatch):
-    """Dispatch through main() without loading other teams' subcommand modules."""
-    assert {"devices", "wheelhouse"} <= set(cli_main.COMMANDS)
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench", "devices", "wheelhouse"))
+from edgeprune.runners import get_runner
 
 
 def test_packaged_profiles(device_config):
@@ -75,8 +69,8 @@ def test_unknown_device_lists_known_ones(device_config):
 
 
 def test_get_runner_picks_the_transport(device_config):
-    from edgeprune.devices.ssh import SshRunner
     from edgeprune.runners.local import LocalRunner
+    from edgeprune.runners.ssh import SshRunner
 
     local = get_runner("local")
     assert isinstance(local, LocalRunner) and local.profile.name == "local"

@@ -30,7 +30,7 @@ ARM_PYTHON = ROOT / "bin" / "python3"
 ARM_PYVER = "3.11"
 ORT_VERSION = "1.22.0"
 PLATFORM = "manylinux_2_28_aarch64"
-AGENT = Path(__file__).resolve().parents[1] / "edgeprune" / "devices" / "agent.py"
+AGENT = Path(__file__).resolve().parents[1] / "edgeprune" / "runners" / "agent.py"
 
 if not (QEMU.is_file() and ARM_PYTHON.is_file()):
     pytest.skip(f"needs {QEMU} and the arm64 python {ARM_PYTHON}: run scripts/setup_qemu_aarch64.sh as root "
@@ -108,8 +108,7 @@ def _install_from_wheelhouse(wheelhouse: Path, target: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_wheelhouse_installs_on_aarch64_and_bench_runs_there(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench", "devices", "wheelhouse"))
+def test_wheelhouse_installs_on_aarch64_and_bench_runs_there(tmp_path, capsys):
     wheelhouse = tmp_path / "wheels"
     code = cli_main.main(["wheelhouse", "-o", str(wheelhouse), "--platform", PLATFORM, "--python", ARM_PYVER,
                           "--onnxruntime-version", ORT_VERSION,

@@ -24,16 +24,10 @@ from conftest import LoopbackSshd, processes_under
 from edgeprune.cli import main as cli_main
 from edgeprune.devices import load_profile
 from edgeprune.devices.profile import profile_from_dict
-from edgeprune.devices.ssh import SshRunner, sha256_file
 from edgeprune.errors import DeviceError
+from edgeprune.runners.ssh import SshRunner, sha256_file
 
 pytestmark = pytest.mark.ssh
-
-
-@pytest.fixture(autouse=True)
-def only_device_commands(monkeypatch):
-    """Dispatch through main() without loading other teams' subcommand modules."""
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench", "devices", "wheelhouse"))
 
 
 @pytest.fixture(scope="module")

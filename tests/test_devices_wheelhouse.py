@@ -17,11 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 ISOLATION_FLAGS = ["--no-build-isolation"] if can_build_without_isolation() else []
 
 
-@pytest.fixture(autouse=True)
-def only_device_commands(monkeypatch):
-    monkeypatch.setattr(cli_main, "COMMANDS", ("bench", "devices", "wheelhouse"))
-
-
 def test_wheel_is_pure_python_with_agent_and_profiles(tmp_path):
     litter_before = {p.name for p in REPO.iterdir()}
     wheel = build_wheel(tmp_path, build_isolation=not ISOLATION_FLAGS)
@@ -29,7 +24,7 @@ def test_wheel_is_pure_python_with_agent_and_profiles(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         metadata = z.read("edgeprune-0.1.0.dist-info/METADATA").decode()
-    assert {"edgeprune/devices/agent.py", "edgeprune/devices/profiles/orangepi5.json",
+    assert {"edgeprune/runners/agent.py", "edgeprune/devices/profiles/orangepi5.json",
             "edgeprune/devices/profiles/jetson-nano.json", "edgeprune/devices/profiles/local.json",
             "edgeprune/cli/main.py"} <= names
     assert not [n for n in names if n.startswith("tests/") or n.endswith((".pyc", ".onnx"))]

@@ -1,4 +1,4 @@
-"""The board agent (edgeprune/devices/agent.py) on real ONNX Runtime sessions."""
+"""The board agent (edgeprune/runners/agent.py) on real ONNX Runtime sessions."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from _runner_models import chain_oracle, matmul_chain, typed_inputs_model, unnamed_dim_model
-from edgeprune.devices import agent
+from edgeprune.runners import agent
 
 AGENT = Path(agent.__file__)
 REPO = AGENT.parents[2]

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from _runner_models import matmul_chain
 from edgeprune.errors import DeviceError, InternalError, ParameterError
-from edgeprune.runners.bench import BenchOptions, benchmark, build_request, open_runner, provider_name, run_bench
+from edgeprune.runners import get_runner
+from edgeprune.runners.bench import (
+    BenchOptions, benchmark, build_request, provider_name, run_bench, with_device_defaults,
+)
 from edgeprune.runners.local import LocalRunner
 from edgeprune.runners.results import ModelSpec, build_report, raise_for_error
 
@@ -96,21 +100,28 @@ def test_provider_aliases():
     assert provider_name("MyExecutionProvider") == "MyExecutionProvider"
 
 
+def _with_defaults(device: str, options: BenchOptions):
+    runner = get_runner(device)
+    return runner, with_device_defaults(options, runner.profile)
+
+
 def test_local_device_takes_defaults_from_the_local_profile(pair, tmp_path, monkeypatch):
     big, small = pair
-    runner, options = open_runner("local", BenchOptions())
+    runner, options = _with_defaults("local", BenchOptions())
     assert isinstance(runner, LocalRunner)
     assert options.providers == (("CPUExecutionProvider", {}),) and options.threads is None
     (tmp_path / "config" / "devices").mkdir(parents=True)
     (tmp_path / "config" / "devices" / "local.json").write_text(json.dumps({"transport": "local", "threads": 1}))
-    _, options = open_runner("local", BenchOptions())
+    _, options = _with_defaults("local", BenchOptions())
     assert options.threads == 1
-    _, options = open_runner("local", BenchOptions(threads=2))      # the command line wins
+    _, options = _with_defaults("local", BenchOptions(threads=2))      # the command line wins
     assert options.threads == 2
-    runner, options = open_runner("local", BenchOptions(repeats=2, free_dims={"batch": 1}))
+    runner, options = _with_defaults("local", BenchOptions(repeats=2, free_dims={"batch": 1}))
     with runner:
         report = run_bench([ModelSpec("small", str(small))], options, runner)
     assert report.env["threads"] == 1 and report.request["threads"] == 1
+    report = benchmark([small], BenchOptions(repeats=2, free_dims={"batch": 1}), device="local")
+    assert report.env["threads"] == 1 and report.device == "local"
 
 
 def test_build_report_rejects_mismatched_answers(pair):
@@ -120,3 +131,18 @@ def test_build_report_rejects_mismatched_answers(pair):
         res = runner.run(req)
     with pytest.raises(InternalError, match="returned 1 models for 2"):
         build_report(res, [ModelSpec("a", str(big)), ModelSpec("b", str(big))], device="local", request=req)
+
+
+def test_fp16_copies_are_removed_after_the_benchmark_also_on_error(pair, tmp_path, monkeypatch):
+    import tempfile
+
+    big, small = pair
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))     # where TemporaryDirectory creates its dirs
+    report = benchmark([small], BenchOptions(repeats=2, free_dims={"batch": 1}), precision="both")
+    assert [m.spec.precision for m in report.models] == ["fp32", "fp16"]
+    assert not Path(report.models[1].spec.path).exists() and list(scratch.iterdir()) == []
+    with pytest.raises(DeviceError, match="no-such-board"):     # fails after the conversion
+        benchmark([small], BenchOptions(repeats=2), precision="fp16", device="no-such-board")
+    assert list(scratch.iterdir()) == []

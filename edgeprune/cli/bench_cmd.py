@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
+from edgeprune.cli.args import add_timing_arguments, timing_repeats
 from edgeprune.cli.progress import progress_bar
 from edgeprune.errors import ParameterError
 
 NAME = "bench"
 HELP = "time ONNX models locally or on a board (statistics, speedups, profiles)"
 DEFAULT_REPEATS = 50
-BUDGET_REPEATS = 1_000_000   # cap on repeats when only --time-budget bounds the run
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16", "both"), default=None,
                         help="convert fp32 models to fp16 (fp16), or time both; default: run the files as given")
     run = parser.add_argument_group("measurement")
-    run.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
-    run.add_argument("--repeats", type=int, default=None,
-                     help=f"timed runs per model (default {DEFAULT_REPEATS}; with --time-budget: no limit)")
-    run.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                     help="stop after the round that passes this many seconds (at least 3 runs each)")
+    add_timing_arguments(run, warmup=5, repeats=DEFAULT_REPEATS, budget_lifts_repeats=True,
+                         threads_default="device / ORT default")
     run.add_argument("--sequential", action="store_true", help="time models one after another, not interleaved")
-    run.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: device / ORT default)")
     run.add_argument("--affinity", default=None, metavar="CPUS", help="pin to CPUs, e.g. 4-7 or 0,2 (Linux)")
     run.add_argument("--providers", default=None, metavar="LIST",
                      help="execution providers in priority order, e.g. tensorrt,cuda,cpu (default: device's, else cpu)")
@@ -117,10 +111,9 @@ def parse_providers(text: str | None, options: list[str]) -> tuple[tuple[str, di
 def _options(args: argparse.Namespace) -> Any:
     from edgeprune.runners.bench import BenchOptions
 
-    repeats = args.repeats if args.repeats is not None else (
-        BUDGET_REPEATS if args.time_budget is not None else DEFAULT_REPEATS)
     return BenchOptions(
-        warmup=args.warmup, repeats=repeats, time_budget_s=args.time_budget, threads=args.threads,
+        warmup=args.warmup, repeats=timing_repeats(args, DEFAULT_REPEATS), time_budget_s=args.time_budget,
+        threads=args.threads,
         providers=parse_providers(args.providers, args.provider_option), affinity=parse_affinity(args.affinity),
         seed=args.seed, free_dims=parse_free_dims(args.free_dim), npz=args.inputs,
         interleave=not args.sequential, profile=args.profile,
@@ -157,19 +150,13 @@ def _print_profiles(report: Any, top: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeprune.runners.bench import open_runner, run_bench
-    from edgeprune.runners.precision import plan_models
+    from edgeprune.runners.bench import benchmark
     from edgeprune.runners.report import format_table
 
     options = _options(args)
     _check_outputs(args)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
-        specs = plan_models(args.models, args.precision, Path(tmp))
-        total = options.repeats * len(specs) if args.time_budget is None else None
-        with progress_bar(total) as progress:
-            runner, options = open_runner(args.device, options, progress)
-            with runner:
-                report = run_bench(specs, options, runner)
+    with progress_bar() as progress:       # the total comes with each progress call
+        report = benchmark(args.models, options, precision=args.precision, device=args.device, progress=progress)
     print(format_table(report))
     for warning in report.warnings:
         log.warning("warning: %s", warning)

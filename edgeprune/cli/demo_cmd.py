@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edgeprune.cli.args import add_timing_arguments
 from edgeprune.cli.progress import progress_bar
 
 NAME = "demo"
@@ -31,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=900, help="tgGBC: top queries for importance, 0 = all")
     parser.add_argument("--keep-queries", type=int, default=300, help="GPQ: queries kept (0 skips GPQ)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 variants")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    add_timing_arguments(parser.add_argument_group("measurement"), warmup=3, repeats=30, time_budget=False)
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -46,7 +46,7 @@ def _show(name: str) -> int:
 
 def _check(name: str) -> int:
     from edgeprune.devices import load_profile
-    from edgeprune.devices.check import check_device
+    from edgeprune.runners.probe import check_device
 
     report = check_device(load_profile(name))
     print(f"device {report.device}: {report.where}")
@@ -60,7 +60,7 @@ def _check(name: str) -> int:
 
 def _clean(name: str) -> int:
     from edgeprune.devices import load_profile
-    from edgeprune.devices.ssh import SshRunner
+    from edgeprune.runners.ssh import SshRunner
 
     profile = load_profile(name)
     if not profile.is_remote:

@@ -1,23 +1,24 @@
-"""``edgeprune devices check``: can this device run the board agent, and if not, what to do.
+"""``edgeprune devices check``: what to ask a device, and how to judge its answer.
 
-A small probe script (Python 2.7 and 3.x syntax, so that even a too old interpreter answers)
-runs with the device's python, locally or over SSH, and reports the board's architecture,
-Python, numpy, onnxruntime and its providers. Each missing piece becomes a
-:class:`Finding` with a concrete fix (the pip command for the onnxruntime that exists for
-that Python on PyPI, the Jetson Zoo wheel on a Jetson, the profile key to change).
+``PROBE`` is a small script (Python 2.7 and 3.x syntax, so that even a too old interpreter
+answers) that reports the board's architecture, Python, numpy, onnxruntime and its
+providers. :func:`judge` turns its answer into :class:`Finding` s with a concrete fix each
+(the pip command for the onnxruntime that exists for that Python on PyPI, the Jetson Zoo
+wheel on a Jetson, the profile key to change).
+
+Running the probe (with the device's python, locally or over SSH) is a runner's job:
+:func:`edgeprune.runners.probe.check_device` runs it and calls :func:`judge` with the agent's
+minimum Python, so this module needs nothing from ``edgeprune.runners``.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeprune.devices.profile import DeviceProfile
 from edgeprune.errors import DeviceError
 
-AGENT_MIN_PYTHON = (3, 6)
 PROBE_MARKER = "EDGEPRUNE-PROBE "
 JETSON_ZOO = "https://elinux.org/Jetson_Zoo#ONNX_Runtime"
 # Newest onnxruntime with aarch64/x86_64 wheels on PyPI per Python (1.22.0 is what the suite
@@ -26,7 +27,7 @@ ORT_FOR_PYTHON = {(3, 6): "1.10.0", (3, 7): "1.14.1", (3, 8): "1.19.2", (3, 9): 
 ORT_DEFAULT = "1.22.0"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
-PROBE = r"""
+PROBE = f"PROBE_MARKER = {PROBE_MARKER!r}\n" + r"""
 import json, os, platform, sys
 info = {"python": platform.python_version(), "executable": sys.executable,
         "machine": platform.machine(), "system": platform.system(),
@@ -49,7 +50,7 @@ for name in ("numpy", "onnxruntime"):
 if "onnxruntime" in info:
     import onnxruntime
     info["providers"] = list(onnxruntime.get_available_providers())
-print("EDGEPRUNE-PROBE " + json.dumps(info))
+print(PROBE_MARKER + json.dumps(info))
 """
 
 
@@ -99,11 +100,12 @@ def _ort_fix(profile: DeviceProfile, info: dict[str, Any]) -> str:
     return _pip(profile, f"onnxruntime=={version}")
 
 
-def _python_findings(profile: DeviceProfile, info: dict[str, Any]) -> list[Finding]:
+def _python_findings(profile: DeviceProfile, info: dict[str, Any], min_python: tuple[int, int]) -> list[Finding]:
     found = f"{info['python']} ({info['executable']})"
-    if _version(info["python"]) < AGENT_MIN_PYTHON:
-        return [Finding("python", False, found, "the agent needs Python >= 3.6: install python3 and set 'python' "
-                                                f"in {profile.source or 'the profile'} to it")]
+    if _version(info["python"]) < min_python:
+        wanted = ".".join(map(str, min_python))
+        return [Finding("python", False, found, f"the agent needs Python >= {wanted}: install python3 and set "
+                                                f"'python' in {profile.source or 'the profile'} to it")]
     findings = [Finding("python", True, found)]
     if "numpy" in info:
         findings.append(Finding("numpy", True, info["numpy"]))
@@ -148,40 +150,14 @@ def _affinity_findings(profile: DeviceProfile, info: dict[str, Any]) -> list[Fin
                     f"set 'affinity' in {profile.source or 'the profile'} to CPUs among {cpus}")]
 
 
-def findings_for(profile: DeviceProfile, info: dict[str, Any]) -> tuple[Finding, ...]:
-    """Turn a probe answer into findings with fixes."""
+def findings_for(profile: DeviceProfile, info: dict[str, Any], min_python: tuple[int, int]) -> tuple[Finding, ...]:
+    """Turn a probe answer into findings with fixes; ``min_python`` is the agent's minimum."""
     system = f"{info['machine']}, {info.get('os') or info['system']}, {info.get('libc') or 'libc ?'}, " \
              f"{info.get('cpu_count') or '?'} cpus"
-    findings = [Finding("board", True, system)] + _python_findings(profile, info)
+    findings = [Finding("board", True, system)] + _python_findings(profile, info, min_python)
     return tuple(findings + _provider_findings(profile, info) + _affinity_findings(profile, info))
 
 
-def _probe_local(profile: DeviceProfile) -> dict[str, Any]:
-    python = profile.python or sys.executable
-    try:
-        done = subprocess.run([python, "-c", PROBE], capture_output=True, text=True,
-                              timeout=profile.command_timeout_s, stdin=subprocess.DEVNULL)
-    except FileNotFoundError as exc:
-        raise DeviceError(f"python {python!r} of device {profile.name} not found; fix 'python' in {profile.source}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise DeviceError(f"the probe with {python} did not finish within {profile.command_timeout_s:g} s") from exc
-    return parse_probe(done.stdout, profile.name, done.stderr)
-
-
-def check_device(profile: DeviceProfile) -> CheckReport:
-    """Probe ``profile``'s device (connecting over SSH when needed) and judge what it has."""
-    if profile.is_remote:
-        from edgeprune.devices.ssh import SshRunner
-
-        with SshRunner(profile) as runner:
-            done = runner.probe(PROBE)
-            if done.status == 127:
-                raise DeviceError(f"python {profile.python or 'python3'!r} not found on device {profile.name} "
-                                  f"({done.last_error()}); install python3 (>= 3.6) or fix 'python' in {profile.source}")
-            info = parse_probe(done.stdout, profile.name, "\n".join(done.stderr_tail))
-            info["workdir"] = runner.workdir
-        where = f"{profile.destination()} (work dir {info['workdir']}, writable)"
-    else:
-        info = _probe_local(profile)
-        where = "this machine"
-    return CheckReport(device=profile.name, where=where, info=info, findings=findings_for(profile, info))
+def judge(profile: DeviceProfile, info: dict[str, Any], where: str, min_python: tuple[int, int]) -> CheckReport:
+    """The report for ``profile``'s probe answer ``info``, probed ``where`` (shown to the user)."""
+    return CheckReport(device=profile.name, where=where, info=info, findings=findings_for(profile, info, min_python))

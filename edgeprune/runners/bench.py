@@ -6,19 +6,22 @@ This is what ``edgeprune bench`` does, callable from Python::
     report = benchmark(["a.onnx", "b.onnx"], BenchOptions(repeats=100))
     report.speedups[0].ratio, report.speedups[0].ci_low, report.speedups[0].ci_high
 
-Any runner with ``run(request) -> result`` inside ``with`` works: :class:`LocalRunner` here,
-the runner from ``edgeprune.devices.get_runner`` for a board (see :func:`open_runner`).
+``edgeprune bench`` calls :func:`benchmark` too, so the command line and Python share one
+code path. Any runner with ``run(request) -> result`` inside ``with`` works with
+:func:`run_bench`: the one :func:`edgeprune.runners.factory.get_runner` makes for a device.
 """
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from edgeprune._lazy import available
 from edgeprune.errors import ParameterError
+from edgeprune.runners.factory import Runner, get_runner
 from edgeprune.runners.precision import plan_models
 from edgeprune.runners.profile import graph_node_layers
 from edgeprune.runners.results import BenchReport, ModelSpec, build_report
@@ -42,12 +45,6 @@ PROVIDER_ALIASES = {
     "coreml": "CoreMLExecutionProvider",
     "rocm": "ROCMExecutionProvider",
 }
-
-
-class Runner(Protocol):
-    """What :func:`run_bench` needs from a runner (LocalRunner, the SSH runner)."""
-
-    def run(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,7 @@ def provider_name(name: str) -> str:
 
 
 def build_request(specs: Sequence[ModelSpec], options: BenchOptions) -> dict[str, Any]:
-    """The agent request (protocol in ``edgeprune/devices/agent.py``); paths are local."""
+    """The agent request (protocol in ``edgeprune/runners/agent.py``); paths are local."""
     providers = options.providers or (("CPUExecutionProvider", {}),)
     return {
         "models": [{"name": s.name, "path": s.path} for s in specs],
@@ -137,18 +134,21 @@ def _profile_layers(specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:
 
 
 def benchmark(paths: Sequence[str | Path], options: BenchOptions = BenchOptions(), *,
-              precision: str | None = None, device: str = "local",
+              precision: str | None = None, device: str | os.PathLike = "local",
               progress: Callable[[int, int], None] | None = None) -> BenchReport:
     """Benchmark model files (plus their fp16 variants per ``precision``) on ``device``.
 
     ``device`` is ``local`` (this machine, in this process) or a device profile name or path;
     unset providers/threads/affinity come from its profile, as on the command line.
+    ``progress(done, total)`` is called after every timed run (``total`` is the upper bound).
+    fp16 copies live in a temporary directory removed on return, also on error.
     """
+    options = options.validate()
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         specs = plan_models(paths, precision, Path(tmp))
-        runner, options = open_runner(device, options.validate(), progress)
+        runner = get_runner(device, progress=progress)
         with runner:
-            return run_bench(specs, options, runner)
+            return run_bench(specs, with_device_defaults(options, runner.profile), runner)
 
 
 def with_device_defaults(options: BenchOptions, profile: Any) -> BenchOptions:
@@ -159,16 +159,3 @@ def with_device_defaults(options: BenchOptions, profile: Any) -> BenchOptions:
         threads=options.threads if options.threads is not None else profile.threads,
         affinity=options.affinity if options.affinity is not None else profile.affinity,
     )
-
-
-def open_runner(device: str, options: BenchOptions,
-                progress: Callable[[int, int], None] | None = None) -> tuple[Any, BenchOptions]:
-    """An inactive runner for ``device`` and the options completed with the device's defaults.
-
-    ``device`` is a profile name (``local`` = this machine, in this process; a user file may
-    override it) or a profile file path, resolved by ``edgeprune.devices``.
-    """
-    from edgeprune.devices import get_runner, load_profile
-
-    profile = load_profile(device)
-    return get_runner(profile, progress=progress), with_device_defaults(options, profile)

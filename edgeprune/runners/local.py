@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from edgeprune._lazy import require
 from edgeprune.errors import InternalError
+from edgeprune.runners import agent
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,14 @@ ProgressCallback = Callable[[int, int], None]
 
 
 class LocalRunner:
-    """Times models on this machine with ONNX Runtime through ``edgeprune.devices.agent``."""
+    """Times models on this machine with ONNX Runtime through ``edgeprune.runners.agent``."""
 
     name = "local"
 
     def __init__(self, progress: ProgressCallback | None = None) -> None:
         self._progress = progress
         self._active = False
-        self.profile: Any = None   # the DeviceProfile when made by edgeprune.devices.get_runner
+        self.profile: Any = None   # the DeviceProfile when made by edgeprune.runners.get_runner
 
     @property
     def is_active(self) -> bool:
@@ -51,11 +52,9 @@ class LocalRunner:
         self._active = False
 
     def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One agent request -> the agent's result dict (see ``edgeprune/devices/agent.py``)."""
+        """One agent request -> the agent's result dict (see ``edgeprune/runners/agent.py``)."""
         if not self._active:
             raise InternalError("LocalRunner.run() outside its life cycle; use `with LocalRunner() as r:`")
-        from edgeprune.devices import agent
-
         return agent.run_request(request, progress=self._progress)
 
     def __enter__(self) -> "LocalRunner":

@@ -1,36 +1,32 @@
 """``--precision fp32|fp16|both``: which variants of each model are benchmarked.
 
-fp16 copies come from ``edgeprune.passes.fp16.convert_fp16`` (the rewrite issue's converter)
-and are written to a work directory that lives for the duration of the benchmark. Without a
+fp16 copies come from the rewrite's fp16 pass (``edgeprune.passes.precision.fp16.convert_fp16``, the
+same conversion as ``edgeprune rewrite --precision fp16``; imported lazily because it needs
+onnx) and are written to a work directory that the caller removes after the benchmark
+(:func:`edgeprune.runners.bench.benchmark` uses a temporary directory). Without a
 ``--precision`` the given files run unchanged (this path needs no ``onnx``, so it works on a
 board with only the runtime install).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import Sequence
 
 from edgeprune._lazy import available, require
-from edgeprune.errors import ModelNotFoundError, ParameterError, UserError
+from edgeprune.errors import ModelNotFoundError, ParameterError
 from edgeprune.runners.results import ModelSpec
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "both")
-_TWO_GB = 2 * 1024**3
 _FLOAT16 = 10   # onnx.TensorProto.FLOAT16
-
-
-class Fp16UnavailableError(UserError):
-    """The fp16 converter of the rewrite issue is not part of this installation yet."""
 
 
 def model_precision(path: str | Path) -> str:
     """"fp16" when any initializer, graph input or output is float16, else "fp32".
 
-    The same rule as ``edgeprune.passes.fp16.is_fp16`` (which refuses to convert such a model
+    The same rule as ``edgeprune.passes.precision.fp16.is_fp16`` (which refuses to convert such a model
     again), read without loading external weight data.
     """
     onnx = require("onnx")
@@ -41,27 +37,12 @@ def model_precision(path: str | Path) -> str:
     return "fp16" if any(v.type.tensor_type.elem_type == _FLOAT16 for v in io) else "fp32"
 
 
-def _converter():
-    try:
-        module = importlib.import_module("edgeprune.passes.precision.fp16")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("edgeprune.passes.precision.fp16", "edgeprune.passes"):
-            raise
-        raise Fp16UnavailableError(
-            "--precision fp16 needs the fp16 conversion, which arrives with "
-            "`edgeprune rewrite --precision fp16`; until then benchmark an fp16 model you converted "
-            "yourself, or use --precision fp32") from exc
-    return module.convert_fp16
-
-
 def convert_to_fp16(src: Path, dst: Path) -> Path:
-    """Write the fp16 conversion of ``src`` to ``dst`` (external data beyond 2 GB)."""
-    convert_fp16 = _converter()
-    onnx = require("onnx")
-    converted = convert_fp16(onnx.load(str(src)))
-    large = converted.ByteSize() > _TWO_GB
-    onnx.save_model(converted, str(dst), save_as_external_data=large,
-                    location=dst.name + ".data" if large else None)
+    """Write the fp16 conversion of ``src`` to ``dst`` (external data when too big for protobuf)."""
+    from edgeprune.graph.files import load_model, save_onnx     # need onnx: imported only when converting
+    from edgeprune.passes.precision.fp16 import convert_fp16
+
+    save_onnx(convert_fp16(load_model(src)), dst)
     log.info("converted %s to fp16: %s", src, dst)
     return dst
 

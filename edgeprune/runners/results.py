@@ -1,6 +1,6 @@
 """Benchmark results on the host: the agent's JSON turned into typed records with statistics.
 
-The agent (``edgeprune/devices/agent.py``) returns plain JSON; :func:`build_report` checks it,
+The agent (``edgeprune/runners/agent.py``) returns plain JSON; :func:`build_report` checks it,
 maps board-side errors to edgeprune's exception types, and adds per-model statistics, drift
 checks and speedups against the first model.
 """
@@ -13,23 +13,22 @@ from edgeprune import __version__
 from edgeprune.errors import (
     DependencyError, DeviceError, InternalError, InvalidModelError, ModelNotFoundError, ParameterError, UserError,
 )
+from edgeprune.runners import agent
 from edgeprune.runners.profile import ProfileSummary, aggregate
 from edgeprune.runners.stats import DriftCheck, LatencyStats, Speedup, detect_drift, speedup, summarize
 
-AGENT_VERSION = 1
-
-# agent error type -> exception raised on the host
-_ERROR_TYPES: dict[str, type[Exception]] = {
-    "BadRequest": ParameterError,
-    "InputError": ParameterError,
-    "MissingDependency": DependencyError,
-    "MissingProvider": DeviceError,
-    "ProviderNotUsed": DeviceError,
-    "OutOfMemory": DeviceError,
-    "RunError": DeviceError,
-    "ModelNotFound": ModelNotFoundError,
-    "ModelLoadError": InvalidModelError,
-    "InternalError": DeviceError,
+# agent error kind -> exception raised on the host (tests check every kind is mapped)
+ERROR_TYPES: dict[str, type[Exception]] = {
+    agent.BAD_REQUEST: ParameterError,
+    agent.INPUT_ERROR: ParameterError,
+    agent.MISSING_DEPENDENCY: DependencyError,
+    agent.MISSING_PROVIDER: DeviceError,
+    agent.PROVIDER_NOT_USED: DeviceError,
+    agent.OUT_OF_MEMORY: DeviceError,
+    agent.RUN_ERROR: DeviceError,
+    agent.MODEL_NOT_FOUND: ModelNotFoundError,
+    agent.MODEL_LOAD_ERROR: InvalidModelError,
+    agent.INTERNAL_ERROR: DeviceError,
 }
 
 
@@ -98,15 +97,15 @@ class BenchReport:
 
 def raise_for_error(result: dict[str, Any], device: str) -> None:
     """Turn an agent result's ``error`` into the matching edgeprune exception."""
-    if not isinstance(result, dict) or result.get("agent_version") != AGENT_VERSION:
+    if not isinstance(result, dict) or result.get("agent_version") != agent.AGENT_VERSION:
         version = result.get("agent_version") if isinstance(result, dict) else None
         raise InternalError(f"board agent on {device} answered protocol version {version!r}, "
-                            f"expected {AGENT_VERSION}; the pushed agent.py and edgeprune disagree")
+                            f"expected {agent.AGENT_VERSION}; the pushed agent.py and edgeprune disagree")
     error = result.get("error")
     if error is None:
         return
-    kind = error.get("type", "InternalError")
-    exc_type = _ERROR_TYPES.get(kind, DeviceError)
+    kind = error.get("type", agent.INTERNAL_ERROR)
+    exc_type = ERROR_TYPES.get(kind, DeviceError)
     raise exc_type(f"on device {device}: {kind}: {error.get('message', '')}")
 
 

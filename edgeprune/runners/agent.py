@@ -31,10 +31,12 @@ Result::
      "error": null | {"type": str, "message": str}}
 
 ``sample_start_s`` is each timed run's start in seconds since the measurement began, so the
-host can check the interleaving and look for drift across models. Error types: BadRequest,
-MissingDependency, MissingProvider, ProviderNotUsed, ModelNotFound, ModelLoadError,
-InputError, RunError, OutOfMemory, InternalError. Exit code 0 on success, 1 when ``error`` is
-set, 2 on a wrong command line.
+host can check the interleaving and look for drift across models. Error types: ``ERROR_KINDS``
+(BadRequest, MissingDependency, MissingProvider, ProviderNotUsed, ModelNotFound,
+ModelLoadError, InputError, RunError, OutOfMemory, InternalError). Exit code 0 on success,
+1 when ``error`` is set, 2 on a wrong command line. Progress, when requested, is written to
+stderr as ``PROGRESS_PREFIX`` + ``"done total"`` lines. The protocol constants below are the
+only definition: the host imports them.
 """
 import hashlib
 import json
@@ -45,7 +47,28 @@ import sys
 import tempfile
 import time
 
+# ---------------------------------------------------------------- protocol
+# The host side (edgeprune.runners.local / ssh / results / probe) imports these; they are
+# defined here only, because this file is what runs on the board.
 AGENT_VERSION = 1
+MIN_PYTHON = (3, 6)                              # vermin -t=3.6- checks this file against it
+PROGRESS_PREFIX = "edgeprune-agent progress "    # stderr line: PREFIX + "done total"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+# Error kinds: the result's error["type"].
+BAD_REQUEST = "BadRequest"
+MISSING_DEPENDENCY = "MissingDependency"
+MISSING_PROVIDER = "MissingProvider"
+PROVIDER_NOT_USED = "ProviderNotUsed"
+MODEL_NOT_FOUND = "ModelNotFound"
+MODEL_LOAD_ERROR = "ModelLoadError"
+INPUT_ERROR = "InputError"
+RUN_ERROR = "RunError"
+OUT_OF_MEMORY = "OutOfMemory"
+INTERNAL_ERROR = "InternalError"
+ERROR_KINDS = (BAD_REQUEST, MISSING_DEPENDENCY, MISSING_PROVIDER, PROVIDER_NOT_USED, MODEL_NOT_FOUND,
+               MODEL_LOAD_ERROR, INPUT_ERROR, RUN_ERROR, OUT_OF_MEMORY, INTERNAL_ERROR)
+
 MIN_SAMPLES = 3
 PROFILE_RUNS = 10
 
@@ -89,21 +112,21 @@ class AgentError(Exception):
 
 def _check_int(value, what, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AgentError("BadRequest", "%s must be an integer >= %d, got %r" % (what, minimum, value))
+        raise AgentError(BAD_REQUEST, "%s must be an integer >= %d, got %r" % (what, minimum, value))
     return value
 
 
 def _normalize_providers(providers):
     """[[name, {opts}]] or [name] -> list of (name, {str: str}) tuples as ORT takes them."""
     if not isinstance(providers, list) or not providers:
-        raise AgentError("BadRequest", "providers must be a non-empty list of [name, {options}], got %r"
+        raise AgentError(BAD_REQUEST, "providers must be a non-empty list of [name, {options}], got %r"
                          % (providers,))
     out = []
     for item in providers:
         if isinstance(item, str):
             item = [item, {}]
         if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[1], dict):
-            raise AgentError("BadRequest", "each provider must be [name, {options}], got %r" % (item,))
+            raise AgentError(BAD_REQUEST, "each provider must be [name, {options}], got %r" % (item,))
         out.append((str(item[0]), dict((str(k), str(v)) for k, v in item[1].items())))
     return out
 
@@ -111,31 +134,31 @@ def _normalize_providers(providers):
 def _normalize_request(request):
     """Fill defaults and check types; unknown keys are a version mismatch and are refused."""
     if not isinstance(request, dict):
-        raise AgentError("BadRequest", "request must be a JSON object, got %s" % type(request).__name__)
+        raise AgentError(BAD_REQUEST, "request must be a JSON object, got %s" % type(request).__name__)
     unknown = sorted(set(request) - set(DEFAULTS) - set(["models"]))
     if unknown:
-        raise AgentError("BadRequest", "unknown request keys %s; known: %s"
+        raise AgentError(BAD_REQUEST, "unknown request keys %s; known: %s"
                          % (unknown, sorted(list(DEFAULTS) + ["models"])))
     req = dict(DEFAULTS)
     req.update(request)
     models = req.get("models")
     if not isinstance(models, list) or not models:
-        raise AgentError("BadRequest", "request needs a non-empty 'models' list of {name, path}")
+        raise AgentError(BAD_REQUEST, "request needs a non-empty 'models' list of {name, path}")
     for m in models:
         if not isinstance(m, dict) or "path" not in m:
-            raise AgentError("BadRequest", "each model needs a 'path' (and a 'name'), got %r" % (m,))
+            raise AgentError(BAD_REQUEST, "each model needs a 'path' (and a 'name'), got %r" % (m,))
     _check_int(req["warmup"], "warmup", 0)
     _check_int(req["repeats"], "repeats", 1)
     if req["threads"] is not None:
         _check_int(req["threads"], "threads", 0)
     budget = req["time_budget_s"]
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
-        raise AgentError("BadRequest", "time_budget_s must be a number > 0 or null, got %r" % (budget,))
+        raise AgentError(BAD_REQUEST, "time_budget_s must be a number > 0 or null, got %r" % (budget,))
     req["providers"] = _normalize_providers(req["providers"])
     inputs = dict({"seed": 0, "free_dims": {}, "npz": None}, **(req["inputs"] or {}))
     _check_int(inputs["seed"], "inputs.seed", 0)
     if inputs["npz"] is not None and not os.path.isfile(inputs["npz"]):
-        raise AgentError("InputError", "input file %s does not exist" % (inputs["npz"],))
+        raise AgentError(INPUT_ERROR, "input file %s does not exist" % (inputs["npz"],))
     req["inputs"] = inputs
     return req
 
@@ -148,7 +171,7 @@ def _import_ort():
         import numpy  # noqa: F401  (checked here so the error names it)
         import onnxruntime
     except ImportError as exc:
-        raise AgentError("MissingDependency", "%s; install numpy and onnxruntime (or onnxruntime-gpu) "
+        raise AgentError(MISSING_DEPENDENCY, "%s; install numpy and onnxruntime (or onnxruntime-gpu) "
                          "for %s on this board" % (exc, sys.executable))
     return onnxruntime
 
@@ -185,13 +208,13 @@ class _Affinity(object):
         if self.cpus is None:
             return self
         if not hasattr(os, "sched_setaffinity"):
-            raise AgentError("BadRequest", "CPU affinity %s requested but this OS has no sched_setaffinity"
+            raise AgentError(BAD_REQUEST, "CPU affinity %s requested but this OS has no sched_setaffinity"
                              % (self.cpus,))
         self.saved = os.sched_getaffinity(0)
         try:
             os.sched_setaffinity(0, [int(c) for c in self.cpus])
         except (OSError, ValueError) as exc:
-            raise AgentError("BadRequest", "cannot pin to CPUs %s (%s); this process may use CPUs %s"
+            raise AgentError(BAD_REQUEST, "cannot pin to CPUs %s (%s); this process may use CPUs %s"
                              % (self.cpus, exc, sorted(self.saved)))
         return self
 
@@ -216,7 +239,7 @@ def _check_providers(ort, providers):
     available = list(ort.get_available_providers())
     missing = [name for name, _ in providers if name not in available]
     if missing:
-        raise AgentError("MissingProvider", "execution provider(s) %s not available in onnxruntime %s; "
+        raise AgentError(MISSING_PROVIDER, "execution provider(s) %s not available in onnxruntime %s; "
                          "available: %s (install the onnxruntime build that has them, or choose one "
                          "of the available)" % (missing, ort.__version__, available))
 
@@ -230,7 +253,7 @@ def _is_oom(exc):
 def _session(ort, path, req, profile_prefix=None):
     """Create one InferenceSession; fail when ORT silently dropped a requested provider."""
     if not os.path.isfile(path):
-        raise AgentError("ModelNotFound", "model file %s does not exist" % path)
+        raise AgentError(MODEL_NOT_FOUND, "model file %s does not exist" % path)
     so = ort.SessionOptions()
     if req["threads"] is not None:
         so.intra_op_num_threads = req["threads"]
@@ -240,13 +263,13 @@ def _session(ort, path, req, profile_prefix=None):
     try:
         sess = ort.InferenceSession(path, sess_options=so, providers=req["providers"])
     except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
-        kind = "OutOfMemory" if _is_oom(exc) else "ModelLoadError"
+        kind = OUT_OF_MEMORY if _is_oom(exc) else MODEL_LOAD_ERROR
         raise AgentError(kind, "cannot load %s with providers %s: %s: %s"
                          % (path, [p[0] for p in req["providers"]], type(exc).__name__, exc))
     used = list(sess.get_providers())
     dropped = [name for name, _ in req["providers"] if name not in used]
     if dropped:
-        raise AgentError("ProviderNotUsed", "onnxruntime did not enable %s for %s (enabled: %s); its "
+        raise AgentError(PROVIDER_NOT_USED, "onnxruntime did not enable %s for %s (enabled: %s); its "
                          "libraries (CUDA/cuDNN/TensorRT) or options are probably wrong, see the board's "
                          "onnxruntime log" % (dropped, path, used))
     return sess
@@ -266,12 +289,12 @@ def _resolve_shape(inp, free_dims):
             dim = free_dims[dim]
         if isinstance(dim, bool) or not isinstance(dim, int):
             label = ("free dimension '%s'" % dim) if isinstance(dim, str) else "an unnamed free dimension"
-            raise AgentError("InputError", "input '%s' axis %d is %s with no value; give it with "
+            raise AgentError(INPUT_ERROR, "input '%s' axis %d is %s with no value; give it with "
                              "--free-dim %s=N (known: %s)"
                              % (inp.name, axis, label, dim if isinstance(dim, str) else key,
                                 sorted(free_dims) or "none"))
         if dim < 1:
-            raise AgentError("InputError", "input '%s' axis %d must be >= 1, got %d" % (inp.name, axis, dim))
+            raise AgentError(INPUT_ERROR, "input '%s' axis %d must be >= 1, got %d" % (inp.name, axis, dim))
         shape.append(dim)
     return tuple(shape)
 
@@ -291,18 +314,18 @@ def _random_array(np, rng, shape, dtype):
 
 def _npz_array(np, npz, inp, shape_hint, dtype):
     if inp.name not in npz:
-        raise AgentError("InputError", "input '%s' is not in the .npz (it has %s); save it under that name"
+        raise AgentError(INPUT_ERROR, "input '%s' is not in the .npz (it has %s); save it under that name"
                          % (inp.name, sorted(npz.keys())))
     arr = npz[inp.name]
     if len(arr.shape) != len(inp.shape) or any(
             isinstance(d, int) and d != a for d, a in zip(inp.shape, arr.shape)):
-        raise AgentError("InputError", "input '%s' of the .npz has shape %s, the model wants %s"
+        raise AgentError(INPUT_ERROR, "input '%s' of the .npz has shape %s, the model wants %s"
                          % (inp.name, list(arr.shape), list(shape_hint)))
     if str(arr.dtype) != dtype:
         if arr.dtype.kind == "f" and dtype.startswith("float"):
             arr = arr.astype(dtype)  # fp32 inputs for an fp16 model and vice versa
         else:
-            raise AgentError("InputError", "input '%s' of the .npz is %s, the model wants %s"
+            raise AgentError(INPUT_ERROR, "input '%s' of the .npz is %s, the model wants %s"
                              % (inp.name, arr.dtype, dtype))
     return arr
 
@@ -314,7 +337,7 @@ def _make_feeds(np, sess, spec):
     feeds = {}
     for inp in sess.get_inputs():
         if inp.type not in ORT_DTYPES:
-            raise AgentError("InputError", "input '%s' has type %s; supported: %s"
+            raise AgentError(INPUT_ERROR, "input '%s' has type %s; supported: %s"
                              % (inp.name, inp.type, sorted(ORT_DTYPES)))
         dtype = ORT_DTYPES[inp.type]
         if npz is not None:
@@ -350,7 +373,7 @@ class _Progress(object):
         now = time.time()
         if self.to_stderr and (now - self.last > 0.5 or self.done == self.total):
             self.last = now
-            sys.stderr.write("edgeprune-agent progress %d %d\n" % (self.done, self.total))
+            sys.stderr.write("%s%d %d\n" % (PROGRESS_PREFIX, self.done, self.total))
             sys.stderr.flush()
 
 
@@ -358,7 +381,7 @@ def _run_guarded(state, feeds, name):
     try:
         return _timed_run(state["sess"], feeds)
     except Exception as exc:  # ORT raises its own pybind types
-        kind = "OutOfMemory" if _is_oom(exc) else "RunError"
+        kind = OUT_OF_MEMORY if _is_oom(exc) else RUN_ERROR
         raise AgentError(kind, "running %s failed: %s: %s" % (name, type(exc).__name__, exc))
 
 
@@ -513,9 +536,9 @@ def run_request(request, progress=None):
     except AgentError as exc:
         result["error"] = {"type": exc.kind, "message": str(exc)}
     except MemoryError as exc:
-        result["error"] = {"type": "OutOfMemory", "message": "out of memory: %s" % (exc,)}
+        result["error"] = {"type": OUT_OF_MEMORY, "message": "out of memory: %s" % (exc,)}
     except Exception as exc:  # the board must answer in JSON, never with a bare traceback
-        result["error"] = {"type": "InternalError", "message": "%s: %s" % (type(exc).__name__, exc)}
+        result["error"] = {"type": INTERNAL_ERROR, "message": "%s: %s" % (type(exc).__name__, exc)}
     return result
 
 
@@ -534,20 +557,20 @@ def _write_json(path, obj):
 def main(argv):
     if len(argv) != 3:
         sys.stderr.write("usage: python3 agent.py REQUEST.json RESULT.json\n")
-        return 2
+        return EXIT_USAGE
     try:
         with open(argv[1]) as f:
             request = json.load(f)
     except (OSError, IOError, ValueError) as exc:
         result = {"agent_version": AGENT_VERSION, "env": None, "models": [],
-                  "error": {"type": "BadRequest", "message": "cannot read request %s: %s" % (argv[1], exc)}}
+                  "error": {"type": BAD_REQUEST, "message": "cannot read request %s: %s" % (argv[1], exc)}}
     else:
         result = run_request(request)
     _write_json(argv[2], result)
     if result["error"] is not None:
         sys.stderr.write("edgeprune-agent: %s: %s\n" % (result["error"]["type"], result["error"]["message"]))
-        return 1
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":
