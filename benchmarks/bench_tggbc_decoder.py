@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import _common as c            # puts the checkout on sys.path
+from edgeprune.cli.args import add_key_count_arguments  # noqa: E402
 
 log = logging.getLogger("bench_tggbc_decoder")
 
@@ -32,9 +33,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's 6)")
     p.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--r", type=int, default=21000)
-    p.add_argument("--n", type=int, default=2)
-    p.add_argument("--k", type=int, default=175)
+    add_key_count_arguments(p, r=21000, n=2, k=175)
     c.add_timing_arguments(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 2 warm-up + 5 timed runs")
     args = p.parse_args(argv)

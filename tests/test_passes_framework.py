@@ -20,6 +20,7 @@ import handwritten_decoder as hd
 from edgeprune.cli.main import main
 from edgeprune.errors import InternalError, InvalidModelError, ModelNotFoundError, ParameterError, \
     PatternNotFoundError
+from edgeprune.cli.args import add_key_count_arguments
 from edgeprune.graph import files
 from edgeprune.passes import driver, registry
 from edgeprune.passes.discovery import normalize
@@ -77,11 +78,10 @@ class MustNotRunPass(BasePass):
 
 class WithOptionsA(BasePass):
     name = "a"
-    help = "test pass with --r"
+    help = "test pass with an option of its own"
 
     @classmethod
     def add_arguments(cls, group: Any) -> None:
-        group.add_argument("--r", type=int, default=None, help="shared")
         group.add_argument("--only-a", type=int, default=3)
 
 
@@ -90,8 +90,15 @@ class WithOptionsB(WithOptionsA):
 
     @classmethod
     def add_arguments(cls, group: Any) -> None:
-        group.add_argument("--r", type=int, default=None, help="shared")
         group.add_argument("--only-b", action="store_true")
+
+
+class RedefinesR(WithOptionsA):
+    name = "c"
+
+    @classmethod
+    def add_arguments(cls, group: Any) -> None:
+        group.add_argument("--r", type=int, default=None)
 
 
 @pytest.fixture
@@ -123,15 +130,25 @@ def test_registry_lists_methods_and_fails_clearly_on_unknown_names() -> None:
         registry.get_precision("fp8")
 
 
-def test_passes_share_options_without_conflict(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_passes_read_the_shared_options_and_add_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "METHODS", {"a": f"{__name__}:WithOptionsA", "b": f"{__name__}:WithOptionsB"})
     monkeypatch.setattr(registry, "PRECISIONS", {})
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=registry.method_names())
+    add_key_count_arguments(parser)
     registry.add_pass_arguments(parser)
     args = parser.parse_args(["--method", "b", "--r", "7", "--only-b"])
     assert (args.r, args.only_a, args.only_b) == (7, 3, True)
     assert isinstance(registry.build_passes(args)[0], WithOptionsB)
+
+
+def test_a_pass_redefining_a_shared_option_fails_when_the_parser_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "METHODS", {"c": f"{__name__}:RedefinesR"})
+    monkeypatch.setattr(registry, "PRECISIONS", {})
+    parser = argparse.ArgumentParser()
+    add_key_count_arguments(parser)
+    with pytest.raises(argparse.ArgumentError, match="--r"):
+        registry.add_pass_arguments(parser)
 
 
 # ---------------------------------------------------------------- driver

@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeprune.errors import ParameterError
 from edgeprune.graph.edit import GraphEditor, export_graph
 from edgeprune.graph.shapes import tensor_info
-from edgeprune.passes.keys.feed import KeyAxes, KeyFeeder, KeyFeedPlan, add_key_count_arguments, key_counts_from_args
+from edgeprune.cli.args import add_key_count_arguments
+from edgeprune.passes.keys.feed import KeyAxes, KeyFeeder, KeyFeedPlan, key_counts_from_args
 from edgeprune.passes.discovery.structure import AttentionProbs, DecoderLayer, DecoderStructure, ProjectionInput
 
 B, NK, E, LAYERS = 2, 6, 4, 3

@@ -55,3 +55,34 @@ def timing_repeats(args: argparse.Namespace, default: int) -> int:
     if args.repeats is not None:
         return args.repeats
     return BUDGET_REPEATS if getattr(args, "time_budget", None) is not None else default
+
+
+# ---------------------------------------------------------------- key-count options
+# --r, --n, --k: how many keys are pruned (tgGBC) or merged (ToMe), over how many layers, and
+# tgGBC's top queries. Used by `edgeprune rewrite`, `edgeprune inspect` and `edgeprune demo`;
+# the passes read them back in ``from_args`` (``args.r``, ``args.n``, ``args.k``).
+
+def add_key_count_arguments(target: ArgumentTarget, *, r: int | None = None, n: int | None = None,
+                            k: int | None = None) -> None:
+    """Add ``--r``/``--n``/``--k`` with the given defaults (None: "not given", for a pass to
+    require or default itself)."""
+    def default(value: int | None, otherwise: str) -> str:
+        return f"default {value}" if value is not None else otherwise
+
+    target.add_argument("--r", "--keys-pruned", dest="r", type=int, default=r, metavar="R",
+                        help=f"keys (image tokens) pruned or merged in total ({default(r, 'required to prune')})")
+    target.add_argument("--n", "--pruning-layers", dest="n", type=int, default=n, metavar="N",
+                        help=f"number of decoder layers that prune, from the first ({default(n, 'default 1')})")
+    target.add_argument("--k", "--top-queries", dest="k", type=int, default=k, metavar="K",
+                        help=f"tgGBC: top queries whose attention scores the keys, 0 = all ({default(k, 'default 0')})")
+
+
+# ---------------------------------------------------------------- input-data options
+# --inputs, --seed: the arrays a model is run on. Used by `edgeprune rewrite` (verification)
+# and `edgeprune bench`.
+
+def add_input_arguments(target: ArgumentTarget, *, purpose: str = "inputs") -> None:
+    """Add ``--inputs X.npz`` and ``--seed``; ``purpose`` names what the arrays are for in the help."""
+    target.add_argument("--inputs", default=None, metavar="X.npz",
+                        help=f"{purpose}: arrays by input name (default: seeded random data)")
+    target.add_argument("--seed", type=int, default=0, help=f"seed of the random {purpose} (default 0)")

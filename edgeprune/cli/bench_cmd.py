@@ -17,7 +17,7 @@ import argparse
 import logging
 from typing import Any
 
-from edgeprune.cli.args import add_timing_arguments, timing_repeats
+from edgeprune.cli.args import add_input_arguments, add_timing_arguments, timing_repeats
 from edgeprune.cli.progress import progress_bar
 from edgeprune.errors import ParameterError
 
@@ -45,8 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--free-dim", action="append", default=[], metavar="NAME=V",
                         help="value of a free input dimension (repeatable); NAME is the dim name or INPUT:AXIS")
-    inputs.add_argument("--inputs", default=None, metavar="X.npz", help="input arrays by input name instead of random")
-    inputs.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    add_input_arguments(inputs)
     out = parser.add_argument_group("output")
     out.add_argument("--profile", action="store_true", help="per-op profile by op type and decoder layer")
     out.add_argument("--profile-top", type=int, default=15, metavar="N", help="op types shown in the profile")

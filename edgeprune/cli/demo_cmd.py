@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgeprune.cli.args import add_timing_arguments
+from edgeprune.cli.args import add_key_count_arguments, add_timing_arguments
 from edgeprune.cli.progress import progress_bar
 
 NAME = "demo"
@@ -27,9 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("edgeprune-demo"), help="output directory")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's 6)")
-    parser.add_argument("--r", type=int, default=2000, help="tgGBC: keys pruned in total (default: %(default)s)")
-    parser.add_argument("--n", type=int, default=1, help="tgGBC: pruning layers (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=900, help="tgGBC: top queries for importance, 0 = all")
+    add_key_count_arguments(parser.add_argument_group("tgGBC"), r=2000, n=1, k=900)
     parser.add_argument("--keep-queries", type=int, default=300, help="GPQ: queries kept (0 skips GPQ)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 variants")
     add_timing_arguments(parser.add_argument_group("measurement"), warmup=3, repeats=30, time_budget=False)

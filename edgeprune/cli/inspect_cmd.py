@@ -17,19 +17,15 @@ import argparse
 import json
 from typing import Any, List
 
+from edgeprune.cli.args import add_key_count_arguments
+
 NAME = "inspect"
 HELP = "show the discovered decoder (layers, queries, keys, tensors) and FLOPs before/after pruning"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="ONNX model (decoder or whole detector)")
-    prune = parser.add_argument_group("tgGBC estimate (FLOPs after pruning, ideal speedup)")
-    prune.add_argument("--r", "--keys-pruned", dest="r", type=int, default=None, metavar="R",
-                       help="keys pruned in total")
-    prune.add_argument("--n", "--pruning-layers", dest="n", type=int, default=None, metavar="N",
-                       help="number of pruning layers (default 1)")
-    prune.add_argument("--k", "--top-queries", dest="k", type=int, default=0, metavar="K",
-                       help="top queries used for importance (default 0 = all)")
+    add_key_count_arguments(parser.add_argument_group("tgGBC estimate (FLOPs after pruning, ideal speedup)"), k=0)
     parser.add_argument("--override", action="append", default=[], metavar="PART=TENSOR",
                         help="name a tensor discovery cannot find, e.g. layer.0.probs=NAME (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

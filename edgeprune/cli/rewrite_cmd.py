@@ -21,6 +21,7 @@ HELP = "prune / shrink / convert an ONNX model with graph passes (tgGBC, GPQ, To
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edgeprune.cli.args import add_input_arguments, add_key_count_arguments
     from edgeprune.passes import registry
 
     parser.add_argument("model", metavar="IN.onnx", help="model to rewrite")
@@ -34,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cls_output=NAME, heads=H (repeatable)")
     check = parser.add_argument_group("verification")
     check.add_argument("--no-verify", action="store_true", help="skip running both models and comparing outputs")
-    check.add_argument("--inputs", default=None, metavar="X.npz", help="verification inputs by name (default random)")
-    check.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default 0)")
+    add_input_arguments(check, purpose="verification inputs")
+    add_key_count_arguments(parser.add_argument_group("key reduction (--method tggbc, tome)"))
     registry.add_pass_arguments(parser)
 
 

@@ -6,10 +6,11 @@ A pass is a class with
 - ``requires``: the decoder parts it needs from discovery, a subset of
   ``{"probs", "key", "value", "mask", "logits"}`` (the driver checks them and names the
   ``--override`` that supplies a missing one before the pass runs);
-- ``add_arguments(group)`` (classmethod): its command-line options. Options shared by several
-  passes (``--r``, ``--n``: one definition, ``key_feed.add_key_count_arguments``) are added
-  by whichever pass registers first, so give them ``default=None`` and the same meaning;
-  validate in ``from_args``;
+- ``add_arguments(group)`` (classmethod): its own command-line options. Options several
+  passes share are defined once, by the CLI (``edgeprune.cli.args``: ``--r``/``--n``/``--k``
+  of the key-reducing passes, with ``default=None`` so ``from_args`` sees what was given); a
+  pass reads them from ``args`` and must not define them again (argparse refuses a
+  duplicate flag when the parser is built). Validate in ``from_args``;
 - ``from_args(args)`` (classmethod): an instance from parsed arguments (raise ParameterError
   for out-of-range values);
 - ``apply(working, structure) -> None``: the rewrite, on a ``graph.edit.WorkingModel``: edit
@@ -135,19 +136,6 @@ def get_precision(name: str) -> type | None:
     return _load(PRECISIONS[name])
 
 
-class _SharedGroup:
-    """An argument group that skips options an earlier pass already defined (``--r`` ...)."""
-
-    def __init__(self, parser: argparse.ArgumentParser, group: Any) -> None:
-        self._parser, self._group = parser, group
-
-    def add_argument(self, *flags: str, **kwargs: Any) -> Any:
-        known = self._parser._option_string_actions          # argparse's own flag table
-        if flags and all(f in known for f in flags):
-            return known[flags[0]]
-        return self._group.add_argument(*flags, **kwargs)
-
-
 def add_pass_arguments(parser: argparse.ArgumentParser, names: Sequence[str] = ()) -> None:
     """Each registered pass's options, in an argument group per pass."""
     names = list(names) or method_names() + list(PRECISIONS)
@@ -156,7 +144,7 @@ def add_pass_arguments(parser: argparse.ArgumentParser, names: Sequence[str] = (
         if cls is None:
             continue
         group = parser.add_argument_group(f"{name} options", cls.help)
-        cls.add_arguments(_SharedGroup(parser, group))
+        cls.add_arguments(group)
 
 
 def build_passes(args: argparse.Namespace) -> list[Any]:

@@ -253,15 +253,6 @@ def retarget_shapes(ed: GraphEditor, nodes: Sequence[Any], old: int, new: int, b
 
 
 # --------------------------------------------------------------------------- the passes' shared surface
-def add_key_count_arguments(group: Any) -> None:
-    """``--r`` and ``--n``, the same for every key-reducing pass (the first pass to register
-    defines them: ``registry._SharedGroup``); ``default=None`` so ``from_args`` sees what was given."""
-    group.add_argument("--r", "--keys-pruned", dest="r", type=int, default=None, metavar="R",
-                       help="keys (image tokens) pruned in total (tgGBC, ToMe)")
-    group.add_argument("--n", "--pruning-layers", dest="n", type=int, default=None, metavar="N",
-                       help="number of decoder layers that prune, from the first (default 1)")
-
-
 def key_counts_from_args(args: Any, method: str, what: str, example: str) -> tuple[int, int]:
     """(r, n) from parsed arguments: ``--r`` required (the error says it is ``what`` and gives
     ``example``), ``--n`` 1 by default. Range: :func:`check_key_counts`."""
@@ -283,10 +274,6 @@ class KeyReductionPass(BasePass):
 
     requires: ClassVar[frozenset[str]] = frozenset({"probs", "key", "value"})
     config: Any
-
-    @classmethod
-    def add_arguments(cls, group: Any) -> None:
-        add_key_count_arguments(group)
 
     def prepare(self, model: Any) -> Any:
         """Undo onnxsim's merged key projections (one MatMul + Split for all layers): later layers

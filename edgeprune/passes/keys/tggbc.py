@@ -349,9 +349,7 @@ class KeyPruningPass(KeyReductionPass):
 
     @classmethod
     def add_arguments(cls, group: Any) -> None:
-        super().add_arguments(group)                                           # --r, --n
-        group.add_argument("--k", "--top-queries", dest="k", type=int, default=None, metavar="K",
-                           help="tgGBC: queries with the highest class score used for importance (0 = all, default)")
+        """tgGBC's own options (--r/--n/--k are the CLI's shared key-count options)."""
         group.add_argument("--no-class-score", dest="no_class_score", action="store_true",
                            help="tgGBC ablation: importance from attention alone (queries still chosen by score)")
         group.add_argument("--class-reduce", dest="class_reduce", choices=CLASS_REDUCTIONS, default=None,
