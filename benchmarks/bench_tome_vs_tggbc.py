@@ -6,8 +6,8 @@ half of a layer's keys), k=175 for tgGBC. Paper (desktop GPU, trained weights): 
 31.10 ms -> ToMe 29.38 ms (-5.53%), tgGBC 24.15 ms (-22.35%); mAP 38.01% -> 36.12% / 37.93%.
 
 Steps: build the preset's decoder (seeded random weights), export it with edgeprune's
-exporter, rewrite it with ``edgeprune.passes.tggbc.KeyPruningPass`` and
-``edgeprune.passes.tome.TokenMergingPass`` for each n, time all models interleaved in one
+exporter, rewrite it with ``edgeprune.passes.keys.tggbc.KeyPruningPass`` and
+``edgeprune.passes.keys.tome.TokenMergingPass`` for each n, time all models interleaved in one
 session (fp32, ONNX Runtime CPU), and measure each rewrite's output drift from the unpruned
 model on the decoder's example inputs. With random weights the drift is a numerical
 comparison of how much each method changes the outputs, not mAP.

@@ -41,7 +41,7 @@ class LayerMap:
     elements are in the canonical row-major order, so reshaping to the canonical shape
     is always valid. ``TensorRef.shape`` is the tensor's real shape.
 
-    ``probs_layout`` follows :class:`edgeprune.passes.structure.AttentionProbs`:
+    ``probs_layout`` follows :class:`edgeprune.passes.discovery.structure.AttentionProbs`:
     ``"BHQK"`` for ``[B, h, Nq, Nk]`` and ``"(BH)QK"`` for ``[B*h, Nq, Nk]``.
     """
 

@@ -107,6 +107,11 @@ class GraphIndex:
     def users(self, tensor: str) -> list[Any]:
         return self.consumers.get(tensor, [])
 
+    def uses(self, tensor: str) -> list[tuple[Any, int]]:
+        """(consumer, input index) for every input slot that reads ``tensor``, in graph order."""
+        unique = {id(node): node for node in self.consumers.get(tensor, [])}      # a node may read it twice
+        return [(node, i) for node in unique.values() for i, name in enumerate(node.input) if name == tensor]
+
     def depends_on(self, tensor: str, targets: Iterable[str], *, skip_constants: bool = True) -> bool:
         """True when ``tensor`` is computed (transitively) from any of ``targets``."""
         wanted = set(targets)

@@ -43,7 +43,8 @@ def light_model(model: Any) -> Any:
     return light
 
 
-def _shape_of(value_info: Any) -> Shape | None:
+def shape_of(value_info: Any) -> Shape | None:
+    """The shape a ValueInfoProto declares (int, symbolic name or None per dim), None without one."""
     kind = value_info.type.WhichOneof("value")
     if kind != "tensor_type" or not value_info.type.tensor_type.HasField("shape"):
         return None
@@ -70,7 +71,7 @@ def _run_inference(light: Any) -> tuple[Shapes, dict[str, int]]:
     shapes: Shapes = {}
     types: dict[str, int] = {}
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
-        shape = _shape_of(info)
+        shape = shape_of(info)
         if shape is not None:
             shapes[info.name] = shape
             types[info.name] = info.type.tensor_type.elem_type

@@ -7,7 +7,7 @@ Two sources, in order:
    then fills in projections and masks around those tensors. ``source="metadata"``.
 2. Otherwise (a graph edgeprune did not export, or a stale record), match the graph
    (``source="matched"``): every Softmax / fused attention op is matched as attention
-   (``attention_match``); cross-attentions are those whose keys are not derived from their
+   (``attention``); cross-attentions are those whose keys are not derived from their
    queries (self-attention keys are the queries, or the queries plus temporal memory) and
    are not constants (a folded first self-attention); among several candidates, the
    group whose key count agrees with the number of stacked class outputs wins. Each

@@ -78,7 +78,7 @@ class KeyPruningPlan:
         return sum(1 for s in self.steps if s.layer < layer)
 
     def feed(self, structure: DecoderStructure) -> KeyFeedPlan:
-        """Which keys each layer reads, for :class:`~edgeprune.passes.key_feed.KeyFeeder`."""
+        """Which keys each layer reads, for :class:`~edgeprune.passes.keys.feed.KeyFeeder`."""
         return KeyFeedPlan.after_layers("tgGBC", PREFIX, structure, [s.layer for s in self.steps],
                                         self.keys_per_layer)
 

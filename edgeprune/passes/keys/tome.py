@@ -70,7 +70,7 @@ class ToMePlan:
     widths: tuple[tuple[str, int], ...] = ()   # (projection input, its feature size C) of the merged layers
 
     def feed(self, structure: DecoderStructure) -> KeyFeedPlan:
-        """Which keys each layer reads, for :class:`~edgeprune.passes.key_feed.KeyFeeder`."""
+        """Which keys each layer reads, for :class:`~edgeprune.passes.keys.feed.KeyFeeder`."""
         return KeyFeedPlan.after_layers("ToMe", PREFIX, structure, [s.layer for s in self.steps],
                                         self.keys_per_layer)
 

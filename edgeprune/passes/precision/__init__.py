@@ -1,1 +1,1 @@
-"""TODO"""
+"""Number-format conversions applied after the method passes (``--precision``)."""

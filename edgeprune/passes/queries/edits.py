@@ -227,7 +227,7 @@ def plan_shape_edits(qa: QueryAxes, values: qx.ShapeValues, kept: np.ndarray) ->
     changes, conflicts = _gather_changes(qa, uses, kept)
     outputs = {o.name for o in facts.model.graph.output}
     for name in changes:
-        consumers = facts.consumers.get(name, [])
+        consumers = facts.index.uses(name)
         if name in outputs or not all(_is_shape_consumer(facts, values, n, i) for n, i in consumers):
             conflicts.add(name)
     in_place: dict[str, np.ndarray] = {}

@@ -13,29 +13,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ModelNotFoundError, ParameterError
+from edgeprune.passes.queries.space import OUTPUT_NAMES, QuerySpace, io_shape, resolve_query_space
 
-if TYPE_CHECKING:
-    from edgeprune.passes.queries.space import QuerySpace
 
 log = logging.getLogger(__name__)
-
-OUTPUT_NAMES = ("all_cls_scores", "all_bbox_preds")      # [L, B, Nq, C|code]
-
-
-def io_shape(model: Any, name: str) -> tuple[int, ...] | None:
-    """Static shape of graph input/output ``name`` (-1 for a free dim), None when there is none."""
-    for vi in list(model.graph.input) + list(model.graph.output):
-        if vi.name == name:
-            dims = vi.type.tensor_type.shape.dim
-            return tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims)
-    return None
-
 
 # ----------------------------------------------------------------------------- files
 def save_keep_indices(path: str | os.PathLike, indices: Sequence[int]) -> Path:
@@ -157,7 +144,6 @@ def rank_queries_one_shot(model: Any, calib: Mapping[str, np.ndarray], keep: int
     Logs ``edgeprune.methods.gpq.ONE_SHOT_WARNING``: fine-tuning with GPQPruner is better.
     """
     from edgeprune.methods.gpq import ONE_SHOT_WARNING
-    from edgeprune.passes.queries.space import resolve_query_space
 
     space = space or resolve_query_space(model)
     if not 0 < keep <= space.num_queries:

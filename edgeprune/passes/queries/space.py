@@ -15,7 +15,18 @@ import numpy as np
 from edgeprune.errors import InvalidModelError, ParameterError
 from edgeprune.passes.queries import axes as qx
 from edgeprune.passes.queries.axes import AxisLabel, QueryAxes
-from edgeprune.passes.queries.inputs import OUTPUT_NAMES, io_shape
+
+OUTPUT_NAMES = ("all_cls_scores", "all_bbox_preds")      # [L, B, Nq, C|code]
+
+
+def io_shape(model: Any, name: str) -> tuple[int, ...] | None:
+    """Static shape of graph input/output ``name`` (-1 for a free dim), None when there is none."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            return tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims)
+    return None
+
 
 PROPAGATED_INPUTS = ("prev_query", "prev_ref")           # [B, P, E], [B, P, 3]
 

@@ -7,72 +7,14 @@ Reshape) are computed here from the evaluated operands and inference runs again 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgeprune import _lazy
-from edgeprune.graph.values import attr, constant_node_value
-from edgeprune.passes.queries.axes.labels import QueryAxisError
+from edgeprune.graph.values import attr
+from edgeprune.passes.queries.axes.facts import GraphFacts, Shape, index_facts
 from edgeprune.passes.queries.axes.values import ShapeValues
-
-Shape = tuple[int, ...]
-
-
-@dataclass
-class GraphFacts:
-    """Static shapes, constant values and consumers of one graph (read-only for analysis)."""
-
-    model: Any                                   # onnx.ModelProto, shape-inferred
-    shapes: dict[str, Shape]
-    constants: dict[str, np.ndarray]             # initializers and Constant-node outputs
-    producers: dict[str, Any] = field(default_factory=dict)
-    consumers: dict[str, list[tuple[Any, int]]] = field(default_factory=dict)
-    nodes: list[Any] = field(default_factory=list)   # graph order
-
-    def shape(self, name: str) -> Shape:
-        try:
-            return self.shapes[name]
-        except KeyError:
-            raise QueryAxisError(f"tensor {name!r} has no static shape after shape inference; "
-                                 "GPQ needs a graph with static shapes (export with a fixed batch)") from None
-
-
-def _static_dims(type_proto: Any) -> Shape | None:
-    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
-        return None
-    dims = type_proto.tensor_type.shape.dim
-    if any(not d.HasField("dim_value") for d in dims):
-        return None
-    return tuple(int(d.dim_value) for d in dims)
-
-
-def _index_facts(inferred: Any) -> GraphFacts:
-    onnx = _lazy.require("onnx")
-    graph = inferred.graph
-    shapes: dict[str, Shape] = {}
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        dims = _static_dims(vi.type)
-        if dims is not None:
-            shapes[vi.name] = dims
-    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    facts = GraphFacts(inferred, shapes, constants, nodes=list(graph.node))
-    for name, value in constants.items():
-        shapes[name] = tuple(value.shape)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = constant_node_value(node)
-            if value is not None:
-                constants[node.output[0]] = value
-                shapes[node.output[0]] = tuple(value.shape)
-        for out in node.output:
-            facts.producers[out] = node
-        for i, name in enumerate(node.input):
-            if name:
-                facts.consumers.setdefault(name, []).append((node, i))
-    return facts
-
 
 _SHAPE_DRIVEN = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1, "Reshape": 1}   # op -> shape operand index
 
@@ -110,7 +52,7 @@ def graph_facts(model: Any, max_rounds: int = 16) -> GraphFacts:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     for _ in range(max_rounds):
-        facts = _index_facts(onnx.shape_inference.infer_shapes(work, data_prop=True))
+        facts = index_facts(onnx.shape_inference.infer_shapes(work, data_prop=True))
         values = ShapeValues(facts)
         fills = {}
         for node in facts.nodes:

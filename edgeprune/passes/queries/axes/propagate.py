@@ -129,7 +129,7 @@ class _Propagation:
     def _has_shapes(self, node: Any) -> bool:
         """Nodes with a tensor of unknown shape are skipped (the final checks catch a missed query axis)."""
         used = [n for n in node.input if n] + [n for i, n in enumerate(node.output)
-                                               if n and (i == 0 or n in self.facts.consumers or n in self.outputs)]
+                                               if n and (i == 0 or n in self.facts.index.consumers or n in self.outputs)]
         return all(n in self.facts.shapes for n in used)
 
 

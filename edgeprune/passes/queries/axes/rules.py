@@ -7,29 +7,43 @@ the analysis fail (GPQ must not guess what an unknown op does with queries).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from edgeprune.graph.values import attr
+from edgeprune.passes.queries.axes.facts import GraphFacts, Shape
 from edgeprune.passes.queries.axes.labels import AxisLabel, QueryAxisError, concat_labels
 from edgeprune.passes.queries.axes.values import ShapeValues
 
-if TYPE_CHECKING:
-    from edgeprune.passes.queries.axes.fill import Shape
-    from edgeprune.passes.queries.axes.propagate import _Propagation
 
-def _rank(p: _Propagation, name: str) -> int:
+class Propagation(Protocol):
+    """What a rule may read and do: the propagation state (``propagate.Propagation``)."""
+
+    facts: GraphFacts
+    values: ShapeValues
+    guess_concat: bool         # the last round: Concat may assume an unlabelled part holds no queries
+
+    def get(self, name: str, axis: int) -> AxisLabel | None: ...
+
+    def put(self, name: str, axis: int, label: AxisLabel | None, node: Any | None) -> None: ...
+
+    def link(self, a: str, ax_a: int, b: str, ax_b: int, node: Any) -> None: ...
+
+    def labelled_any(self, name: str) -> bool: ...
+
+
+def _rank(p: Propagation, name: str) -> int:
     return len(p.facts.shape(name))
 
 
-def _rule_same(p: _Propagation, node: Any) -> None:
+def _rule_same(p: Propagation, node: Any) -> None:
     """Output 0 has the shape of input 0 (unary ops, Softmax, normalizations)."""
     for ax in range(_rank(p, node.output[0])):
         p.link(node.input[0], ax, node.output[0], ax, node)
 
 
-def _rule_broadcast(p: _Propagation, node: Any) -> None:
+def _rule_broadcast(p: Propagation, node: Any) -> None:
     """Numpy broadcasting: equal non-1 dims of any input and output 0 are the same axis."""
     out = node.output[0]
     oshape = p.facts.shape(out)
@@ -43,7 +57,7 @@ def _rule_broadcast(p: _Propagation, node: Any) -> None:
                 p.link(name, ax, out, ax + off, node)
 
 
-def _rule_matmul(p: _Propagation, node: Any) -> None:
+def _rule_matmul(p: Propagation, node: Any) -> None:
     """[..., M, K] x [..., K, N] -> [..., M, N]; K of A and K of B are one axis."""
     a, b, o = node.input[0], node.input[1], node.output[0]
     ra, rb, ro = _rank(p, a), _rank(p, b), _rank(p, o)
@@ -64,7 +78,7 @@ def _rule_matmul(p: _Propagation, node: Any) -> None:
                 p.link(name, ax, o, ax + ro - rank, node)
 
 
-def _rule_gemm(p: _Propagation, node: Any) -> None:
+def _rule_gemm(p: Propagation, node: Any) -> None:
     """Gemm: A [M, K] (or [K, M]), B [K, N] (or [N, K]), C broadcast to [M, N]."""
     a, b, o = node.input[0], node.input[1], node.output[0]
     ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
@@ -79,7 +93,7 @@ def _rule_gemm(p: _Propagation, node: Any) -> None:
                 p.link(node.input[2], ax, o, ax + off, node)
 
 
-def _rule_transpose(p: _Propagation, node: Any) -> None:
+def _rule_transpose(p: Propagation, node: Any) -> None:
     rank = _rank(p, node.input[0])
     perm = attr(node, "perm") or list(range(rank))[::-1]
     for out_ax, in_ax in enumerate(perm):
@@ -111,7 +125,7 @@ def reshape_groups(ishape: Shape, oshape: Shape) -> list[tuple[list[int], list[i
     return groups
 
 
-def _carry(p: _Propagation, src: str, src_axes: list[int], dst: str, dst_axes: list[int], node: Any) -> None:
+def _carry(p: Propagation, src: str, src_axes: list[int], dst: str, dst_axes: list[int], node: Any) -> None:
     """Move the one query axis among ``src_axes`` into ``dst_axes`` (same element order)."""
     sshape, dshape = p.facts.shape(src), p.facts.shape(dst)
     marked = [k for k, ax in enumerate(src_axes) if p.get(src, ax) is not None]
@@ -138,7 +152,7 @@ def _carry(p: _Propagation, src: str, src_axes: list[int], dst: str, dst_axes: l
     p.put(dst, found[0][0], found[0][1], node)
 
 
-def _rule_reshape(p: _Propagation, node: Any) -> None:
+def _rule_reshape(p: Propagation, node: Any) -> None:
     """Reshape/Flatten/Squeeze/Unsqueeze: follow the query axis through size-preserving groups."""
     src, dst = node.input[0], node.output[0]
     for in_axes, out_axes in reshape_groups(p.facts.shape(src), p.facts.shape(dst)):
@@ -151,7 +165,7 @@ def _axis(node: Any, rank: int, default: int = 0) -> int:
     return ax + rank if ax < 0 else ax
 
 
-def rule_concat(p: _Propagation, node: Any) -> None:
+def rule_concat(p: Propagation, node: Any) -> None:
     out = node.output[0]
     rank = _rank(p, out)
     axis = _axis(node, rank)
@@ -169,13 +183,13 @@ def rule_concat(p: _Propagation, node: Any) -> None:
             offset += size
         return
     parts = [(p.get(n, axis), s) for n, s in zip(inputs, sizes)]
-    known = [lab is not None or n not in p.facts.constants and p.facts.producers.get(n) is None
+    known = [lab is not None or n not in p.facts.constants and p.facts.index.producer.get(n) is None
              for n, (lab, _) in zip(inputs, parts)]
     if any(lab is not None for lab, _ in parts) and (all(known) or p.guess_concat):
         p.put(out, axis, concat_labels(parts), node)
 
 
-def _rule_split(p: _Propagation, node: Any) -> None:
+def _rule_split(p: Propagation, node: Any) -> None:
     src = node.input[0]
     rank = _rank(p, src)
     axis = _axis(node, rank)
@@ -192,7 +206,7 @@ def _rule_split(p: _Propagation, node: Any) -> None:
         offset += size
 
 
-def slice_params(p: _Propagation | ShapeValues, node: Any, shape: Shape) -> dict[int, tuple[int, int, int]] | None:
+def slice_params(p: Propagation | ShapeValues, node: Any, shape: Shape) -> dict[int, tuple[int, int, int]] | None:
     """Slice node -> {axis: (start, stop, step)} normalized to the input shape, or None."""
     values = p if isinstance(p, ShapeValues) else p.values
     got = [values.value(n) if i < len(node.input) and n else None for i, n in enumerate(node.input)]
@@ -211,7 +225,7 @@ def slice_params(p: _Propagation | ShapeValues, node: Any, shape: Shape) -> dict
     return result
 
 
-def _rule_slice(p: _Propagation, node: Any) -> None:
+def _rule_slice(p: Propagation, node: Any) -> None:
     src, out = node.input[0], node.output[0]
     shape = p.facts.shape(src)
     params = slice_params(p, node, shape)
@@ -231,7 +245,7 @@ def _rule_slice(p: _Propagation, node: Any) -> None:
             p.put(out, ax, label.sub(start, stop), node)
 
 
-def _rule_gather(p: _Propagation, node: Any) -> None:
+def _rule_gather(p: Propagation, node: Any) -> None:
     data, idx, out = node.input[0], node.input[1], node.output[0]
     r, q = _rank(p, data), _rank(p, idx)
     axis = _axis(node, r)
@@ -245,7 +259,7 @@ def _rule_gather(p: _Propagation, node: Any) -> None:
         p.link(idx, ax, out, axis + ax, node)
 
 
-def _rule_expand_like(p: _Propagation, node: Any) -> None:
+def _rule_expand_like(p: Propagation, node: Any) -> None:
     """Expand/Tile: input axes whose size is unchanged are the output's axes."""
     src, out = node.input[0], node.output[0]
     ishape, oshape = p.facts.shape(src), p.facts.shape(out)
@@ -257,7 +271,7 @@ def _rule_expand_like(p: _Propagation, node: Any) -> None:
             raise QueryAxisError(f"{node.op_type} node {node.name} repeats a query axis of {src!r}")
 
 
-def _reduced_axes(p: _Propagation, node: Any, rank: int) -> list[int] | None:
+def _reduced_axes(p: Propagation, node: Any, rank: int) -> list[int] | None:
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         value = p.values.value(node.input[1])
@@ -267,7 +281,7 @@ def _reduced_axes(p: _Propagation, node: Any, rank: int) -> list[int] | None:
     return sorted(int(a) + rank if a < 0 else int(a) for a in axes)
 
 
-def _rule_reduce(p: _Propagation, node: Any) -> None:
+def _rule_reduce(p: Propagation, node: Any) -> None:
     src, out = node.input[0], node.output[0]
     rank = _rank(p, src)
     if node.op_type in ("ArgMax", "ArgMin"):
@@ -287,7 +301,7 @@ def _rule_reduce(p: _Propagation, node: Any) -> None:
         o += 1
 
 
-def _rule_topk(p: _Propagation, node: Any) -> None:
+def _rule_topk(p: Propagation, node: Any) -> None:
     src = node.input[0]
     rank = _rank(p, src)
     axis = _axis(node, rank, -1)
@@ -299,7 +313,7 @@ def _rule_topk(p: _Propagation, node: Any) -> None:
                 p.link(src, ax, out, ax, node)
 
 
-def _rule_pad(p: _Propagation, node: Any) -> None:
+def _rule_pad(p: Propagation, node: Any) -> None:
     src, out = node.input[0], node.output[0]
     shape, oshape = p.facts.shape(src), p.facts.shape(out)
     for ax in range(len(shape)):
@@ -307,7 +321,7 @@ def _rule_pad(p: _Propagation, node: Any) -> None:
             p.link(src, ax, out, ax, node)
 
 
-def _rule_attention(p: _Propagation, node: Any) -> None:
+def _rule_attention(p: Propagation, node: Any) -> None:
     """Fused attention (ONNX Attention, com.microsoft.MultiHeadAttention): Q rows -> output rows."""
     q, k = node.input[0], node.input[1]
     rank = _rank(p, q)

@@ -7,15 +7,13 @@ query count in place, or refuse when it cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.graph.values import attr
-
-if TYPE_CHECKING:
-    from edgeprune.passes.queries.axes.fill import GraphFacts, Shape
+from edgeprune.passes.queries.axes.facts import GraphFacts, Shape
 
 @dataclass(frozen=True)
 class Literal:
@@ -70,7 +68,7 @@ class ShapeValues:
             if value.size > 64:
                 return None
             return value, [Literal(name, i) for i in range(value.size)]
-        node = facts.producers.get(name)
+        node = facts.index.producer.get(name)
         if node is None:
             return None
         if node.op_type == "Shape":
