@@ -13,11 +13,10 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
+from edgeprune.graph import files
 from edgeprune.graph.values import model_nbytes
 from edgeprune import _lazy
 from edgeprune.errors import OutputPathError, ParameterError
-from edgeprune.export import exporter as exporter_module
-from edgeprune.export import record
 from edgeprune.export.decoder_map import DecoderMap, TensorRef, missing_tensors, read_decoder_map
 from edgeprune.export.exporter import export_onnx, resolve_options
 from edgeprune.export.simplify import simplify_model
@@ -122,8 +121,8 @@ def test_decoder_map_points_at_the_torch_tensors(tmp_path: Path, exporter: str, 
 def test_weights_over_the_protobuf_limit_go_to_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A real > 2 GB export takes minutes and ~8 GB of RAM; lower the limit instead (the
     # decision and the write path are the same code).
-    monkeypatch.setattr(exporter_module, "PROTOBUF_LIMIT", 10_000)
-    monkeypatch.setattr(exporter_module, "_GRAPH_MARGIN", 0)
+    monkeypatch.setattr(files, "PROTOBUF_LIMIT", 10_000)
+    monkeypatch.setattr(files, "EXTERNAL_DATA_MARGIN", 0)
     model = build_model(SMALL_PRESET, "decoder", seed=1)
     out = tmp_path / "ext.onnx"
     report = export_onnx(model, out, simplify=False)

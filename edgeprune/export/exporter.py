@@ -35,8 +35,9 @@ from edgeprune.export.native_output import native_output_to_debug_log
 from edgeprune.export.record import PlannedExtra
 from edgeprune.export.simplify import simplify_model
 from edgeprune.export.validate import (DEFAULT_TOLERANCE, ExportValidationError, ValidationReport,
-                                       compare_outputs, ort_session, run_onnx)
+                                       compare_outputs, ort_session)
 from edgeprune.graph.files import needs_external_data, save_onnx
+from edgeprune.graph.run import run_all
 from edgeprune.graph.values import model_nbytes
 from edgeprune.io import atomic_path, check_writable
 
@@ -255,7 +256,7 @@ def _check_staged(staged: Path, reference: _Reference | None, opts: ExportOption
     if reference is None:
         log.warning("not validating against torch (--no-validate)")
         return None
-    report = compare_outputs(reference.outputs, run_onnx(session, reference.feeds), opts.tolerance)
+    report = compare_outputs(reference.outputs, run_all(session, reference.feeds), opts.tolerance)
     _timed(phases, "validate", t0)
     if not report.passed:
         raise ExportValidationError(report, "the exported model")

@@ -19,11 +19,11 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import ValidationError
+from edgeprune.graph.run import PROVIDER, cpu_session, run_all
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-4
-PROVIDER = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -111,16 +111,7 @@ def compare_outputs(reference: Mapping[str, np.ndarray], actual: Mapping[str, np
 
 def ort_session(path: str | os.PathLike) -> Any:
     """An ONNX Runtime CPU session for ``path`` (external data is found next to it)."""
-    ort = _lazy.require("onnxruntime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(os.fspath(path), options, providers=[PROVIDER])
-
-
-def run_onnx(session: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run every output of ``session`` on ``feeds`` -> ``{output name: array}``."""
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds))))
+    return cpu_session(path)
 
 
 def run_torch(model: Any, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -138,6 +129,6 @@ def validate_against_torch(model: Any, session: Any, *, batch: int = 1, seed: in
     inputs = model.example_inputs(batch=batch, seed=seed)
     feeds = {name: tensor.detach().cpu().numpy() for name, tensor in inputs.items()}
     reference = run_torch(model, inputs)
-    report = compare_outputs(reference, run_onnx(session, feeds), tolerance)
+    report = compare_outputs(reference, run_all(session, feeds), tolerance)
     log.debug("validation:\n%s", report.format())
     return report

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 Dim = int | str | None          # int = static size, str = symbolic name, None = unknown
 Shape = tuple[Dim, ...]
 Shapes = dict[str, Shape]
+StaticShape = tuple[int, ...]  # every dimension known
 
 # Initializers larger than this are weights, never shape tensors; inference sees only their type.
 LIGHT_BYTES = 64 * 1024

@@ -88,7 +88,8 @@ def check_model(path: Path) -> None:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise InternalError(f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    from edgeprune.passes.verify import ort_errors, session
+    from edgeprune.graph.run import ort_errors
+    from edgeprune.passes.verify import session
 
     try:
         session(path)

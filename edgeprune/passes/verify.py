@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ModelNotFoundError
+from edgeprune.graph.run import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,9 @@ class VerifyReport:
         return [f"  {o.describe()}" for o in self.outputs]
 
 
-def ort_errors() -> tuple[type, ...]:
-    """ONNX Runtime's exception types (they derive from Exception directly)."""
-    state = _lazy.require("onnxruntime.capi.onnxruntime_pybind11_state")
-    names = ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NoModel", "RuntimeException",
-             "NotImplemented", "InvalidProtobuf", "EPFail")
-    return tuple(getattr(state, n) for n in names if hasattr(state, n))
-
-
 def session(path: str | os.PathLike) -> Any:
     """A CPU session without graph optimizations (see the module docstring)."""
-    ort = _lazy.require("onnxruntime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    return cpu_session(path, optimize=False)
 
 
 def _concrete(shape: Any) -> tuple[int, ...]:

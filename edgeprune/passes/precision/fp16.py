@@ -71,6 +71,7 @@ from edgeprune._lazy import require
 from edgeprune.errors import InternalError, InvalidModelError
 from edgeprune.graph.edit import export_graph
 from edgeprune.graph.files import needs_external_data
+from edgeprune.graph.run import cpu_session, run_all
 from edgeprune.passes.registry import BasePass
 
 log = logging.getLogger(__name__)
@@ -306,21 +307,9 @@ def measure_deviation(reference: Any, converted: Any, seed: int = 0) -> tuple[Ou
     """
     from edgeprune.passes.verify import random_inputs
 
-    sessions = [_cpu_session(m) for m in (reference, converted)]
+    sessions = [cpu_session(m, optimize=False) for m in (reference, converted)]
     feeds = random_inputs(sessions[0], seed)
-    outputs = []
-    for session in sessions:
-        names = [o.name for o in session.get_outputs()]
-        outputs.append(dict(zip(names, session.run(names, feeds))))
-    return output_deviation(outputs[0], outputs[1])
-
-
-def _cpu_session(model: Any) -> Any:
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return output_deviation(run_all(sessions[0], feeds), run_all(sessions[1], feeds))
 
 
 class Fp16Pass(BasePass):

@@ -19,6 +19,8 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ModelNotFoundError, ParameterError
+from edgeprune.graph.files import needs_external_data
+from edgeprune.graph.run import cpu_session
 from edgeprune.passes.queries.space import OUTPUT_NAMES, QuerySpace, io_shape, resolve_query_space
 
 
@@ -75,13 +77,10 @@ def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- one-shot ranking in ORT
 def _session(model: Any) -> Any:
     """An ORT CPU session on an in-memory model."""
-    ort = _lazy.require("onnxruntime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if model.ByteSize() >= 2**31 - 2**26:
+    if needs_external_data(model):
         raise ParameterError("the model is too large (> 2 GB) to run in memory for GPQ calibration; "
                              "rank the queries with the torch GPQPruner and pass --keep-indices")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return cpu_session(model)
 
 
 def _graph_feeds(model: Any) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -8,11 +8,11 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.graph.index import GraphIndex
-from edgeprune.graph.shapes import is_static, shape_of
+from edgeprune.graph.shapes import StaticShape, is_static, shape_of
 from edgeprune.graph.values import constant_node_value
 from edgeprune.passes.queries.axes.labels import QueryAxisError
 
-Shape = tuple[int, ...]
+Shape = StaticShape            # the analysis only ever holds static shapes
 
 
 @dataclass
