@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from model_cache import EXPORTERS, exported_decoder
+from model_cache import EXPORTERS, cache_dir, exported_decoder
 from edgeprune.cli.main import main
 from edgeprune.errors import InvalidModelError
 from edgeprune.methods.tggbc import TgGBCConfig
@@ -46,7 +45,7 @@ def tiny_export(exporter: str) -> Path:
 
     model = build_model(TINY, "decoder")
     inputs = model.example_inputs(batch=1, seed=0)
-    path = Path(tempfile.mkdtemp(prefix="edgeprune-fp16-")) / f"tiny-{exporter}.onnx"
+    path = cache_dir() / f"fp16-tiny-{exporter}.onnx"
     kwargs = dict(input_names=list(inputs), output_names=list(model.output_names()),
                   opset_version=18 if exporter == "dynamo" else 17, dynamo=exporter == "dynamo")
     if exporter == "dynamo":
