@@ -424,13 +424,13 @@ def test_metadata_is_used_when_present_and_ignored_when_stale(edgeprune_export: 
 
 
 # ---------------------------------------------------------------- big key counts
-def test_discovery_on_24000_keys_reads_the_graph_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discovery_on_24000_keys_reads_the_graph_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Discovery must not run the model: with ORT sessions forbidden it still finds 24000 keys."""
     import torch
 
     module = hd.HandDecoder("hand", hd.Dims(keys=24000))
     inputs = module.example_inputs(mask=False)
-    path = hd._cache_dir() / "hand-24000.onnx"
+    path = tmp_path / "hand-24000.onnx"
     torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
                       input_names=list(inputs), output_names=["all_cls_scores", "all_bbox_preds"])
     model = onnx.load(str(path))
