@@ -17,6 +17,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +83,44 @@ def git_state() -> Dict[str, Any]:
 
 
 def command_line() -> str:
-    """The command that produced a result, runnable from the repository root."""
-    script = Path(sys.argv[0]).resolve()
-    rel = script.relative_to(REPO) if script.is_relative_to(REPO) else script
-    return f"cd {REPO} && {sys.executable} {shlex.join([str(rel), *sys.argv[1:]])}"
+    """The command that produced a result, as a user types it at the repository root.
+
+    No machine path is recorded: the script and the interpreter are written relative to the
+    repository root (``.venv/bin/python benchmarks/bench_gpq.py ...``); an interpreter outside
+    the checkout is written as ``python``. Arguments naming files are made portable too.
+    """
+    python = Path(os.path.abspath(sys.executable))
+    shown = python.relative_to(REPO).as_posix() if python.is_relative_to(REPO) else "python"
+    script = portable(Path(os.path.abspath(sys.argv[0])))
+    return shlex.join([shown, script, *(str(portable(a)) for a in sys.argv[1:])])
+
+
+def portable(value: Any) -> Any:
+    """``value`` with every machine path made machine-independent, recursively (dicts, lists).
+
+    A path inside the checkout becomes relative to the repository root; any other absolute
+    path (a temporary model file) keeps only its file name; a relative ``Path`` becomes a string.
+    A string counts as a path when it names an existing file or lies under the checkout or the
+    temp dir (ONNX tensor names such as ``/model/head/Softmax_output_0`` are left alone).
+    """
+    if isinstance(value, Mapping):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if not (isinstance(value, Path) or isinstance(value, str) and _is_machine_path(value)):
+        return value
+    path = Path(value)
+    if not path.is_absolute():
+        return path.as_posix()
+    path = Path(os.path.abspath(path))
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.name
+
+
+def _is_machine_path(text: str) -> bool:
+    if not text.startswith("/") or any(ch.isspace() for ch in text):
+        return False
+    roots = (str(REPO), tempfile.gettempdir())
+    return any(text == r or text.startswith(r.rstrip("/") + "/") for r in roots) or os.path.exists(text)
 
 
 def machine_line(facts: Mapping[str, Any]) -> str:
@@ -214,10 +249,13 @@ def drift_warnings(report: Any) -> List[str]:
 
 # ---------------------------------------------------------------- output
 def write_results(stem: Path, result: Mapping[str, Any], markdown: str) -> None:
-    """``<stem>.json`` (everything, raw samples included) and ``<stem>.md``, each written atomically."""
+    """``<stem>.json`` (everything, raw samples included) and ``<stem>.md``, each written atomically.
+
+    Paths in ``result`` are recorded through :func:`portable` (no machine paths in results).
+    """
     stem.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(stem.with_suffix(".json"), suffix=".json") as tmp:
-        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.write_text(json.dumps(portable(result), indent=1, default=str))
     with atomic_path(stem.with_suffix(".md"), suffix=".md") as tmp:
         tmp.write_text(markdown)
     log.info("wrote %s.json and %s.md", stem, stem)

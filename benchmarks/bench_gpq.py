@@ -11,7 +11,7 @@ queries in the GPQ paper's proportion (644 -> 236 and 256 -> 64 for 900 -> 300).
 Writes ``<out>/gpq_<preset>_b<batch>.json`` (the full benchmark report plus FLOPs and kept
 indices) and ``.md`` (a table with medians, 95% CIs and speedups with CIs).
 
-    cd /work/main && /work/venv/bin/python benchmarks/bench_gpq.py --preset streampetr-r50-704x256
+    .venv/bin/python benchmarks/bench_gpq.py --preset streampetr-r50-704x256
 """
 from __future__ import annotations
 

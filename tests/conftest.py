@@ -1,4 +1,9 @@
-"""Shared fixtures: a real OpenSSH server on loopback for the device tests.
+"""Shared fixtures: the session's model-export cache, and a real OpenSSH server on loopback.
+
+``session_model_cache`` (autouse, once per session) points ``model_cache.cache_dir()`` (the
+exports shared by the pass tests: presets, the hand-written decoder, fp16's tiny decoder) at a
+directory of pytest's ``tmp_path_factory``: every test file writes under pytest's temporary
+root, which setup.cfg's ``tmp_path_retention_policy = failed`` removes after a green run.
 
 ``loopback_sshd`` starts ``/usr/sbin/sshd -D`` on 127.0.0.1 and a free port with its own
 config (key auth only, its own host key and authorized_keys in a temp dir), and
@@ -168,6 +173,16 @@ def _wait_for_banner(port: int, process: subprocess.Popen, root: Path) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"sshd did not answer on port {port} within {START_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory every shared export of this session goes to (see tests/model_cache.py)."""
+    import model_cache
+
+    path = tmp_path_factory.mktemp("model-cache")
+    model_cache.use_directory(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -17,20 +17,20 @@ outputs are stacked: ``all_cls_scores [L, B, Nq, C]`` and ``all_bbox_preds [L, B
 ``forward(..., prune=(r, n, k))`` applies tgGBC (methods.md) between layers, written here from
 the formulas so that passes can be checked against a reference that shares no code with them.
 ``record(module)`` collects the intermediate tensors discovery must find (hooks), and
-``exported(...)`` caches ONNX exports per process, since exporting is the slow part of tests.
+``exported(...)`` caches ONNX exports per process (in ``model_cache.cache_dir()``), since exporting
+is the slow part of tests.
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from model_cache import cache_dir       # the session's export directory (tests/ is on sys.path)
 
 FLAVOURS = ("hand", "mha")
 EXPORTERS = ("torchscript", "dynamo")
@@ -268,13 +268,6 @@ def export(module: HandDecoder, path: Path, exporter: str, inputs: dict[str, Ten
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_dir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="edgeprune-handwritten-"))
-    atexit.register(shutil.rmtree, path, True)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
 def exported(flavour: str, exporter: str, simplify: bool = False, batch: int = 1,
              mask: bool = True, temporal: int = 0) -> Path:
     """Path of a cached export of ``HandDecoder(flavour, Dims(temporal=...))`` (read-only: copy to edit)."""
@@ -288,6 +281,6 @@ def exported(flavour: str, exporter: str, simplify: bool = False, batch: int = 1
 
         model, ok = onnxsim.simplify(onnx.load(str(raw)))
         assert ok, "onnxsim could not validate the simplified decoder"
-        onnx.save(model, str(_cache_dir() / name))
-        return _cache_dir() / name
-    return export(module, _cache_dir() / name, exporter, module.example_inputs(batch, mask=mask))
+        onnx.save(model, str(cache_dir() / name))
+        return cache_dir() / name
+    return export(module, cache_dir() / name, exporter, module.example_inputs(batch, mask=mask))

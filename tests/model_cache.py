@@ -2,7 +2,9 @@
 
 Exporting is the slow part of the pass tests (a 24000-key decoder takes seconds per export),
 so every (preset, exporter, batch, layers, attention, simplify) combination is exported at
-most once per pytest process, into a temporary directory removed at exit::
+most once per pytest process, into the session's directory :func:`cache_dir` (conftest's
+``session_model_cache`` fixture points it under pytest's ``tmp_path_factory``, so the files go
+with pytest's other temporary files; outside pytest a temporary directory removed at exit)::
 
     from model_cache import decoder_model, exported_decoder        # tests/ is on sys.path
     path = exported_decoder("streampetr-vov-1600x640", "dynamo", batch=2, layers=2)   # read-only
@@ -29,12 +31,24 @@ EXPORTERS = ("torchscript", "dynamo")
 OPSET = {"torchscript": 17, "dynamo": 18}
 
 
-@functools.lru_cache(maxsize=None)
+_directory: list[Path] = []          # set once per test session by use_directory()
+
+
+def use_directory(path: Path) -> None:
+    """Export into ``path`` (the test session's directory) from now on; set before any export."""
+    if _directory and _directory[0] != path:
+        raise RuntimeError(f"the model cache already exports into {_directory[0]}")
+    _directory[:] = [path]
+
+
 def cache_dir() -> Path:
-    """The session's export directory (removed when the process exits)."""
-    path = Path(tempfile.mkdtemp(prefix="edgeprune-model-cache-"))
-    atexit.register(shutil.rmtree, path, True)
-    return path
+    """The session's export directory: the one given to :func:`use_directory`, else a temporary
+    directory removed when the process exits (a script importing this module)."""
+    if not _directory:
+        path = Path(tempfile.mkdtemp(prefix="edgeprune-model-cache-"))
+        atexit.register(shutil.rmtree, path, True)
+        _directory.append(path)
+    return _directory[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ import pytest
 from edgeprune.cli.main import main
 
 
+@pytest.mark.slow
 def test_demo_builds_every_variant_and_prints_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     code = main(["demo", "--model", "streampetr-r50-704x256-light", "--layers", "2", "--r", "2000",

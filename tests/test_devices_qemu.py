@@ -73,6 +73,7 @@ def _attention_model(path: Path, tokens: int = 6, embed: int = 8, seed: int = 0)
     onnx.save(model, str(path))
 
 
+@pytest.mark.slow
 def test_agent_on_aarch64_ort_matches_x86(tmp_path):
     from edgeprune.runners.local import LocalRunner
 
@@ -108,6 +109,7 @@ def _install_from_wheelhouse(wheelhouse: Path, target: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_wheelhouse_installs_on_aarch64_and_bench_runs_there(tmp_path, capsys):
     wheelhouse = tmp_path / "wheels"
     code = cli_main.main(["wheelhouse", "-o", str(wheelhouse), "--platform", PLATFORM, "--python", ARM_PYVER,

@@ -37,7 +37,8 @@ def test_wheel_is_pure_python_with_agent_and_profiles(tmp_path):
     (["--python", "3.6"], "needs Python >= 3.10, the board has 3.6"),
     (["--python", "three"], "MAJOR.MINOR"),
     # network: PyPI has no onnxruntime 1.22.0 for glibc 2.17
-    (["--platform", "manylinux2014_aarch64", "--onnxruntime-version", "1.22.0"], "manylinux_2_27 or newer"),
+    pytest.param(["--platform", "manylinux2014_aarch64", "--onnxruntime-version", "1.22.0"], "manylinux_2_27 or newer",
+                 marks=pytest.mark.slow),
 ])
 def test_failures_are_one_line_and_leave_no_directory(tmp_path, capsys, argv, needle):
     out = tmp_path / "wheels"

@@ -76,6 +76,7 @@ def _check_valid_file(run: CliRun, inputs: list[str], layers: int, queries: int,
 STREAM_INPUTS = ["memory", "key_pos", "prev_query", "prev_ref", "temp_memory", "temp_pos"]
 
 
+@pytest.mark.slow
 def test_streampetr_decoder_torchscript(streampetr_torchscript: CliRun) -> None:
     saved = _check_valid_file(streampetr_torchscript, STREAM_INPUTS, 6, 900, 4224)
     assert read_decoder_map(saved).num_learned_queries == 644
@@ -89,12 +90,14 @@ def test_streampetr_decoder_torchscript(streampetr_torchscript: CliRun) -> None:
         assert e.shape == g.shape and np.abs(e - g).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_streampetr_decoder_dynamo(streampetr_dynamo: CliRun) -> None:
     saved = _check_valid_file(streampetr_dynamo, STREAM_INPUTS, 6, 900, 4224)
     assert read_decoder_map(saved).exporter == "dynamo"
     assert {o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")} == {18}
 
 
+@pytest.mark.slow
 def test_full_model_resnet18(focalpetr_full: CliRun) -> None:
     saved = _check_valid_file(focalpetr_full, ["images"], 6, 900, 4224)
     dmap = read_decoder_map(saved)
@@ -103,6 +106,7 @@ def test_full_model_resnet18(focalpetr_full: CliRun) -> None:
     assert any(node.op_type == "Conv" for node in saved.graph.node)
 
 
+@pytest.mark.slow
 def test_flags_batch_attention_layers_no_simplify_no_validate(tmp_path: Path) -> None:
     run = _export(tmp_path, "--model", "focalpetr-r18-704x256", "--layers", "1", "--attention", "torch",
                   "--batch", "2", "--no-simplify", "--no-validate", "--seed", "5")
@@ -114,6 +118,7 @@ def test_flags_batch_attention_layers_no_simplify_no_validate(tmp_path: Path) ->
     assert [d.dim_value for d in saved.graph.input[0].type.tensor_type.shape.dim] == [2, 4224, 256]
 
 
+@pytest.mark.slow
 def test_failed_validation_exits_1_and_writes_nothing(tmp_path: Path) -> None:
     run = _export(tmp_path, "--model", "focalpetr-r18-704x256", "--layers", "1", "--tolerance", "1e-12")
     assert run.code == 1

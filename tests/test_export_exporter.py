@@ -95,10 +95,10 @@ def _check_reference_points_recorded(path: Path, model: nn.Module, dmap: Decoder
 
 @pytest.mark.parametrize("exporter, attention, batch, scope", [
     ("torchscript", "manual", 2, "decoder"),
-    ("dynamo", "manual", 1, "decoder"),
+    pytest.param("dynamo", "manual", 1, "decoder", marks=pytest.mark.slow),
     ("torchscript", "torch", 1, "decoder"),
-    ("dynamo", "torch", 2, "decoder"),
-    ("torchscript", "manual", 1, "full"),
+    pytest.param("dynamo", "torch", 2, "decoder", marks=pytest.mark.slow),
+    pytest.param("torchscript", "manual", 1, "full", marks=pytest.mark.slow),       # a whole detector
 ])
 def test_decoder_map_points_at_the_torch_tensors(tmp_path: Path, exporter: str, attention: str,
                                                  batch: int, scope: str) -> None:

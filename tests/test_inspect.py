@@ -33,7 +33,7 @@ def _matmul_flops(model: Any, prefix: str) -> int:
     return total
 
 
-@pytest.mark.parametrize("exporter,simplify", [("torchscript", False), ("dynamo", True)])
+@pytest.mark.parametrize("exporter,simplify", [("torchscript", False), pytest.param("dynamo", True, marks=pytest.mark.slow)])
 def test_inspect_reports_layers_tensors_and_flops(exporter: str, simplify: bool, capsys: pytest.CaptureFixture) -> None:
     path = hd.exported("hand", exporter, simplify)
     info = inspect_json(capsys, str(path))
@@ -62,6 +62,7 @@ def test_cross_attention_matmul_flops_equal_the_graphs(capsys: pytest.CaptureFix
         assert counted == _matmul_flops(model, f"/blocks.{i}/mix_cross/")
 
 
+@pytest.mark.slow
 def test_inspect_pruning_estimate(capsys: pytest.CaptureFixture) -> None:
     info = inspect_json(capsys, str(hd.exported("mha", "dynamo", True)), "--r", "30", "--n", "2", "--k", "5")
     pruning = info["pruning"]
@@ -78,7 +79,7 @@ def test_inspect_pruning_estimate(capsys: pytest.CaptureFixture) -> None:
     (["--r", "-1"], "must be >= 0"),
 ])
 def test_inspect_rejects_out_of_range_parameters(argv: list, message: str, capsys: pytest.CaptureFixture) -> None:
-    path = hd.exported("mha", "dynamo", True)
+    path = hd.exported("mha", "torchscript", True)           # the export the tgGBC tests share
     capsys.readouterr()
     assert main(["inspect", str(path), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -124,6 +125,7 @@ def streampetr_24000(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_inspect_streampetr_24000_keys_matches_the_paper(streampetr_24000: Path, capsys: pytest.CaptureFixture) -> None:
     """tgGBC Table 7: StreamPETR-VoVNet 1600x640 cross-attention 174.91 GFLOPs, r=21000 -> 61.44."""
     two = inspect_json(capsys, str(streampetr_24000), "--r", "21000", "--n", "2", "--k", "175")

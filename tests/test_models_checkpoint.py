@@ -37,6 +37,7 @@ def _outputs(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
         return model(*model.example_inputs(batch=2, seed=7).values())
 
 
+@pytest.mark.slow
 def test_full_roundtrip_reproduces_outputs(full_state: tuple[Path, torch.nn.Module]) -> None:
     path, reference = full_state
     other = build_model(TINY, "full", seed=1)
@@ -55,6 +56,7 @@ def test_decoder_roundtrip_from_training_checkpoint_layout(tmp_path: Path) -> No
         assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_missing_num_batches_tracked_is_accepted(full_state: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
     path, reference = full_state
     state = {k: v for k, v in torch.load(path).items() if not k.endswith("num_batches_tracked")}
@@ -100,6 +102,7 @@ def test_files_that_are_not_state_dicts(tmp_path: Path, content: str) -> None:
     _expect_error(model, path, CheckpointError, str(path), "state dict")
 
 
+@pytest.mark.slow
 def test_key_mismatch_names_counts_and_first_keys(full_state: tuple[Path, torch.nn.Module],
                                                   other_full: torch.nn.Module, tmp_path: Path) -> None:
     path, _ = full_state
@@ -120,6 +123,7 @@ def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
                   "1 shape mismatches", "head.reference_points.weight (checkpoint [50, 3] vs model [40, 3])")
 
 
+@pytest.mark.slow
 def test_wrong_scope_and_prefixed_keys_get_a_hint(full_state: tuple[Path, torch.nn.Module],
                                                   other_full: torch.nn.Module, tmp_path: Path) -> None:
     path, _ = full_state

@@ -123,6 +123,7 @@ def test_petr_frustum_mask_is_empty_for_every_preset_size() -> None:
         assert not position.out_of_range_mask(size).any(), size
 
 
+@pytest.mark.slow
 def test_same_seed_same_model_and_same_head_in_both_scopes(tiny: torch.nn.Module) -> None:
     again = build_model(TINY, "full", seed=0, num_layers=2)
     other = build_model(TINY, "full", seed=1, num_layers=2)
@@ -135,6 +136,7 @@ def test_same_seed_same_model_and_same_head_in_both_scopes(tiny: torch.nn.Module
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow
 def test_full_model_equals_head_on_its_tokens_with_temporal_inputs(stream: torch.nn.Module) -> None:
     model = stream
     assert model.input_names() == ["images", "prev_query", "prev_ref", "temp_memory", "temp_pos"]
@@ -156,6 +158,7 @@ def test_full_model_runs_tggbc_pruning(tiny: torch.nn.Module) -> None:
     assert out.cross_attn_probs[1].shape == (2, 8, 60, TINY_KEYS - 100)
 
 
+@pytest.mark.slow
 def test_checkpoint_interchangeable_between_attention_impls(tiny: torch.nn.Module) -> None:
     torch_attn = build_model(TINY, "full", seed=9, num_layers=2, attention="torch")
     torch_attn.load_state_dict(tiny.state_dict())

@@ -108,7 +108,8 @@ def check_against_torch(model: Any, structure: DecoderStructure, module: hd.Hand
             assert mask.heads_in_batch == (layer.probs.layout == "(BH)QK")
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=_ids)
+@pytest.fixture(scope="module", ids=_ids, params=[   # dynamo exports of the hand decoder: slow
+    pytest.param(v, marks=pytest.mark.slow) if v[1] == "dynamo" else v for v in VARIANTS])
 def exported(request: pytest.FixtureRequest) -> tuple:
     flavour, exporter, simplify = request.param
     return request.param, onnx.load(str(hd.exported(flavour, exporter, simplify)))
@@ -134,7 +135,8 @@ def test_discovers_cross_attention_of_every_export(exported: tuple) -> None:
     check_against_torch(model, structure, hd.HandDecoder(flavour), hd.HandDecoder(flavour).example_inputs())
 
 
-@pytest.mark.parametrize("flavour,exporter,simplify", [("hand", "dynamo", False), ("mha", "torchscript", True)])
+@pytest.mark.parametrize("flavour,exporter,simplify", [pytest.param("hand", "dynamo", False, marks=pytest.mark.slow),
+                                                        ("mha", "torchscript", True)])
 def test_batch_two(flavour: str, exporter: str, simplify: bool) -> None:
     model = onnx.load(str(hd.exported(flavour, exporter, simplify, batch=2)))
     structure = discover(model)
@@ -380,7 +382,8 @@ EDGEPRUNE_EXPORTS = [("manual", "torchscript", "petr-r50-800x320", "decoder"),
                      ("torch", "torchscript", "focalpetr-r18-704x256", "full")]
 
 
-@pytest.fixture(scope="module", params=EDGEPRUNE_EXPORTS, ids=lambda p: "-".join(p[:2] + p[3:]))
+@pytest.fixture(scope="module", ids=lambda p: "-".join(p[:2] + p[3:]),
+                params=[pytest.param(p, marks=pytest.mark.slow) if p[1] == "dynamo" else p for p in EDGEPRUNE_EXPORTS])
 def edgeprune_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny model exported by edgeprune itself (with its decoder map in the metadata)."""
     from edgeprune.export import export_onnx
@@ -424,13 +427,14 @@ def test_metadata_is_used_when_present_and_ignored_when_stale(edgeprune_export: 
 
 
 # ---------------------------------------------------------------- big key counts
-def test_discovery_on_24000_keys_reads_the_graph_only(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_discovery_on_24000_keys_reads_the_graph_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Discovery must not run the model: with ORT sessions forbidden it still finds 24000 keys."""
     import torch
 
     module = hd.HandDecoder("hand", hd.Dims(keys=24000))
     inputs = module.example_inputs(mask=False)
-    path = hd._cache_dir() / "hand-24000.onnx"
+    path = tmp_path / "hand-24000.onnx"
     torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
                       input_names=list(inputs), output_names=["all_cls_scores", "all_bbox_preds"])
     model = onnx.load(str(path))

@@ -42,7 +42,8 @@ from model_cache import decoder_model, exported_decoder
 # preset -> decoder layers: the same exports the tgGBC tests use (model_cache shares them per session)
 LAYERS = {"petr-r50-800x320": 3, "streampetr-r50-704x256": 3, "streampetr-vov-1600x640": 2}
 PRESETS = tuple(LAYERS)               # 6000, 4224 and 24000 keys
-ONE_SHOT_PRESETS = PRESETS[:2]        # ranking runs the full 900-query graph: skip the 24000-key one
+ONE_SHOT_PRESETS = (pytest.param(PRESETS[0], marks=pytest.mark.slow), PRESETS[1])   # not the 24000-key one:
+# ranking runs the full 900-query graph; the quick run keeps the 4224-key preset (exports shared with tgGBC)
 PAIRWISE = (("torchscript", False, 1), ("torchscript", True, 2), ("dynamo", False, 2), ("dynamo", True, 1))
 FULL = tuple((e, s, b) for e in ("torchscript", "dynamo") for s in (False, True) for b in (1, 2))
 VARIANTS = FULL if os.environ.get("EDGEPRUNE_GPQ_FULL_MATRIX") == "1" else PAIRWISE
@@ -157,6 +158,7 @@ def check_preset(preset: str, exporter: str, simplify: bool, batch: int, kept: S
 
 
 # ----------------------------------------------------------------------------- presets (acceptance)
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter,simplify,batch", VARIANTS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_matches_torch_on_pruner_kept_queries(preset: str, exporter: str, simplify: bool, batch: int) -> None:
@@ -165,7 +167,9 @@ def test_preset_matches_torch_on_pruner_kept_queries(preset: str, exporter: str,
     check_preset(preset, exporter, simplify, batch, kept)
 
 
-@pytest.mark.parametrize("exporter,simplify,batch", VARIANTS)
+@pytest.mark.parametrize("exporter,simplify,batch", [   # the quick run keeps the exports tgGBC's quick run makes
+    v if v in (("torchscript", False, 1), ("dynamo", False, 2)) else pytest.param(*v, marks=pytest.mark.slow)
+    for v in VARIANTS])
 @pytest.mark.parametrize("preset", ONE_SHOT_PRESETS)
 def test_preset_matches_torch_on_one_shot_kept_queries(preset: str, exporter: str, simplify: bool, batch: int,
                                                         caplog: pytest.LogCaptureFixture) -> None:
@@ -205,7 +209,7 @@ def small_export(temporal: bool, batch: int) -> onnx.ModelProto:
     return onnx.load_from_string(_small_export_bytes(temporal, batch))
 
 
-@pytest.mark.parametrize("temporal", [False, True])
+@pytest.mark.parametrize("temporal", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_small_head_equals_selected_head_after_full_pruner_run(temporal: bool, tmp_path: Path) -> None:
     """Pruner run to the end; the shrunk graph equals both oracles, batch 2. (On this random
     StreamPETR head the pruner removes every propagated query: prev_query becomes [B, 0, E].)"""
@@ -230,7 +234,7 @@ def test_small_head_equals_selected_head_after_full_pruner_run(temporal: bool, t
         np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_multihead_attention_layouts(exporter: str, tmp_path: Path) -> None:
     """nn.MultiheadAttention exports fold queries with batch and heads ([Nq, B*h, d], [Nq*B, E])."""
     head = small_head(True, attention="torch")
@@ -246,7 +250,7 @@ def test_multihead_attention_layouts(exporter: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(box, want.all_bbox_preds.numpy(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_equal_dimensions_are_told_apart_structurally(exporter: str, tmp_path: Path) -> None:
     """Queries = embed width = keys = 32 and batch 2: a number-matching rewrite would be ambiguous.
 

@@ -125,10 +125,12 @@ def assert_close(got: Sequence[np.ndarray], cls: np.ndarray, box: np.ndarray) ->
 
 
 # ---------------------------------------------------------------- presets (acceptance)
-# preset, decoder layers (fewer for speed), tgGBC config, input seed
+# preset, decoder layers (fewer for speed), tgGBC config, input seed; the quick run
+# (-m "not slow") keeps the 4224-key preset, whose exports the GPQ/ToMe/fp16 tests share
 PRESET_CASES = [
-    ("streampetr-vov-1600x640", 2, TgGBCConfig(r=21000, n=1, k=175), 1),   # 24000 keys, the paper's r and k
-    ("petr-r50-800x320", 3, TgGBCConfig(r=4000, n=2, k=0), 1),             # 6000 keys, n=2
+    pytest.param(("streampetr-vov-1600x640", 2, TgGBCConfig(r=21000, n=1, k=175), 1),   # 24000 keys, the paper's
+                 marks=pytest.mark.slow),                                                # r and k
+    pytest.param(("petr-r50-800x320", 3, TgGBCConfig(r=4000, n=2, k=0), 1), marks=pytest.mark.slow),   # 6000 keys
     ("streampetr-r50-704x256", 3, TgGBCConfig(r=3000, n=2, k=150), 2),      # 4224 keys, n=2, k>0
 ]
 
@@ -138,9 +140,20 @@ def _case_id(case: tuple[Any, ...]) -> str:
     return f"{case[0]}-r{cfg.r}-n{cfg.n}-k{cfg.k}"
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("case", PRESET_CASES, ids=_case_id)
+def _preset_runs() -> list[Any]:
+    """PRESET_CASES x batch x exporter; the quick run keeps batch 1 TorchScript and batch 2 dynamo."""
+    runs = []
+    for case in PRESET_CASES:
+        values, marks = (case.values[0], list(case.marks)) if hasattr(case, "values") else (case, [])
+        for batch in (1, 2):
+            for exporter in EXPORTERS:
+                quick = (batch, exporter) in ((1, "torchscript"), (2, "dynamo"))
+                runs.append(pytest.param(values, batch, exporter, id=f"{_case_id(values)}-{batch}-{exporter}",
+                                         marks=marks if quick else [pytest.mark.slow]))
+    return runs
+
+
+@pytest.mark.parametrize("case, batch, exporter", _preset_runs())
 def test_preset_matches_torch_reference(case: tuple[Any, ...], batch: int, exporter: str, tmp_path: Path) -> None:
     preset, layers, cfg, seed = case
     inputs, cls, box, margin = preset_oracle(preset, layers, batch, seed, cfg)
@@ -161,6 +174,7 @@ def test_preset_matches_torch_reference(case: tuple[Any, ...], batch: int, expor
     assert plan.keys_per_layer[-1] == again.num_keys - cfg.r
 
 
+@pytest.mark.slow
 def test_edgeprune_export_then_cli_rewrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The product path: ``edgeprune export`` (onnxsim, decoder map in the metadata), then the CLI."""
     from edgeprune.cli.main import main
@@ -178,6 +192,7 @@ def test_edgeprune_export_then_cli_rewrite(tmp_path: Path, capsys: pytest.Captur
     assert_close(run(out, inputs), cls, box)
 
 
+@pytest.mark.slow
 def test_whole_model_images_to_detections(tmp_path: Path) -> None:
     """Scope "full": the keys come from the backbone and position encoder inside the graph."""
     import dataclasses
@@ -239,8 +254,9 @@ HAND_VARIANTS = [(f, e, s, 1) for f in hd.FLAVOURS for e in hd.EXPORTERS for s i
     ("hand", "dynamo", True, 2), ("mha", "torchscript", True, 2)]      # the exports discovery's tests make
 
 
-@pytest.mark.parametrize("flavour,exporter,simplify,batch", HAND_VARIANTS,
-                         ids=[f"{f}-{e}-{'sim' if s else 'raw'}-b{b}" for f, e, s, b in HAND_VARIANTS])
+@pytest.mark.parametrize("flavour,exporter,simplify,batch", [   # dynamo exports of the hand decoder: slow
+    pytest.param(*v, id=f"{v[0]}-{v[1]}-{'sim' if v[2] else 'raw'}-b{v[3]}",
+                 marks=[pytest.mark.slow] if v[1] == "dynamo" else []) for v in HAND_VARIANTS])
 def test_handwritten_decoder_by_auto_discovery(flavour: str, exporter: str, simplify: bool, batch: int,
                                                tmp_path: Path) -> None:
     module = hd.HandDecoder(flavour)
@@ -342,6 +358,7 @@ def test_ablations_match_their_references(cfg: TgGBCConfig, ops: dict[str, int],
     assert_close(run(tmp_path / "pruned.onnx", {k: v.numpy() for k, v in inputs.items()}), cls, box)
 
 
+@pytest.mark.slow                       # its own export (batch 2 TorchScript), not shared in the quick run
 def test_tensorrt_selection_matches_reference(tmp_path: Path) -> None:
     """4224 keys, 3924 kept (> 3840): two TopKs of at most 3840 select what the torch reference keeps."""
     preset, layers, cfg, seed = "streampetr-r50-704x256", 3, TgGBCConfig(r=300, n=1, k=100, use_class_score=False), 2

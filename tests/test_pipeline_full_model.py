@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from edgeprune.export.exporter import export_onnx
@@ -18,6 +19,7 @@ from edgeprune.passes.driver import rewrite
 from edgeprune.passes.keys.tggbc import KeyPruningPass
 
 
+@pytest.mark.slow
 def test_simplified_whole_model_rewrites_and_matches_torch(tmp_path: Path) -> None:
     model = build_model("focalpetr-r18-704x256", "full", seed=0, num_layers=2)
     report = export_onnx(model, tmp_path / "full.onnx")                 # onnxsim on (default)
