@@ -27,6 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "bench",
     "devices",
     "wheelhouse",
+    "dataset",
 )
 
 log = logging.getLogger("edgeprune")
