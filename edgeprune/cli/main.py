@@ -28,6 +28,8 @@ COMMANDS: tuple[str, ...] = (
     "devices",
     "wheelhouse",
     "dataset",
+    "eval",
+    "compare",
 )
 
 log = logging.getLogger("edgeprune")
