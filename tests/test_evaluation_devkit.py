@@ -2,8 +2,8 @@
 
 The devkit is not an edgeprune dependency (it pins numpy < 2 and pulls OpenCV, Shapely,
 scikit-learn and pycocotools), so this test skips unless ``nuscenes`` imports. To run it:
-``python -m venv /tmp/nusc && /tmp/nusc/bin/pip install nuscenes-devkit pytest`` then
-``PYTHONPATH=. /tmp/nusc/bin/python -m pytest tests/test_evaluation_devkit.py`` (the metric
+``python -m venv nusc && nusc/bin/pip install nuscenes-devkit pytest`` then
+``PYTHONPATH=. nusc/bin/python -m pytest tests/test_evaluation_devkit.py`` (the metric
 module needs numpy only).
 """
 from __future__ import annotations
