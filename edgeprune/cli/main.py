@@ -27,6 +27,9 @@ COMMANDS: tuple[str, ...] = (
     "bench",
     "devices",
     "wheelhouse",
+    "dataset",
+    "eval",
+    "compare",
 )
 
 log = logging.getLogger("edgeprune")

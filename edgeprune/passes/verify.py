@@ -115,7 +115,7 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise InvalidModelError(f"cannot read inputs {p} ({exc}); expected an .npz written by numpy.savez") from exc
 
 
-def _drift(name: str, ref: np.ndarray, got: np.ndarray | None) -> OutputDrift:
+def output_drift(name: str, ref: np.ndarray, got: np.ndarray | None) -> OutputDrift:
     if got is None or got.shape != ref.shape:
         return OutputDrift(name, ref.shape, None if got is None else got.shape, None, None, False)
     a, b = ref.astype(np.float64), got.astype(np.float64)
@@ -139,7 +139,7 @@ def compare_models(before: str | os.PathLike, after: str | os.PathLike, *, seed:
     ref = dict(zip(names, s_before.run(names, feeds)))
     after_names = [o.name for o in s_after.get_outputs()]
     got = dict(zip(after_names, s_after.run(after_names, feeds_after)))
-    drifts = tuple(_drift(n, ref[n], got.get(n)) for n in names)
+    drifts = tuple(output_drift(n, ref[n], got.get(n)) for n in names)
     for d in drifts:
         log.debug("verify %s", d.describe())
     return VerifyReport(drifts, label or ("given" if inputs is not None else f"random (seed {seed})"))
