@@ -580,6 +580,14 @@ def test_rule_pad_keeps_an_unpadded_query_axis() -> None:
     assert_shrinks(model, [("x", 0)], {"x": {0: KEPT}, "y": {0: KEPT}})
 
 
+def test_rule_pad_refuses_to_pad_the_query_axis() -> None:
+    """_rule_pad: padded query rows would be entries that are no query: a clear refusal, not a later shape error."""
+    model = model_of([node("Pad", ["x", "pads"], "y")], {"x": (NQ, E)}, {"y": (NQ + 2, E)},
+                     {"pads": np.array([1, 0, 1, 0], np.int64)})
+    with pytest.raises(QueryAxisError, match="pads a query axis"):
+        labels(model, {"x": {0: q()}})
+
+
 def _mha(q_in: str, k_in: str, v_in: str) -> Any:
     return node("MultiHeadAttention", [q_in, k_in, v_in], "y", domain="com.microsoft", num_heads=2)
 

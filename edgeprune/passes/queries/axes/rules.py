@@ -314,11 +314,15 @@ def _rule_topk(p: Propagation, node: Any) -> None:
 
 
 def _rule_pad(p: Propagation, node: Any) -> None:
+    """Unpadded axes pass through; padding a query axis would add entries that are no query."""
     src, out = node.input[0], node.output[0]
     shape, oshape = p.facts.shape(src), p.facts.shape(out)
     for ax in range(len(shape)):
         if shape[ax] == oshape[ax] and shape[ax] != 1:
             p.link(src, ax, out, ax, node)
+        elif shape[ax] != oshape[ax] and p.get(src, ax) is not None:
+            raise QueryAxisError(f"Pad node {node.name} pads a query axis ({shape[ax]} -> {oshape[ax]}); "
+                                 "GPQ cannot shrink that")
 
 
 def _rule_attention(p: Propagation, node: Any) -> None:
