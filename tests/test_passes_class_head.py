@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,22 @@ def test_missing_logits_are_asked_for_all_layers_at_once() -> None:
     flags = " ".join(f"--override layer.{i}.logits=TENSOR" for i in range(LAYERS))
     with pytest.raises(PatternNotFoundError, match=f"needs {LAYERS} decoder parts.*: {flags}$"):
         require_parts(structure, ["probs", "key", "value", "logits"], "--method tggbc")
+
+
+def test_inspect_shows_which_logits_are_recomputed(capsys: pytest.CaptureFixture) -> None:
+    from edgeprune.cli.main import main
+
+    final = str(exports("torchscript", 2)[1])
+    capsys.readouterr()
+    assert main(["inspect", final, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    structure = discover(onnx.load(final))
+    assert info["class_head"]["recomputes_layers"] == list(range(LAYERS - 1))
+    assert info["class_head"]["nodes"] == list(structure.class_head.nodes)
+    sources = [layer["logits_source"] for layer in info["layers"]]
+    assert sources[-1] == "in the graph"
+    assert sources[:-1] == [f"recomputed with the shared class head from {layer.head_input}"
+                            for layer in structure.layers[:-1]]
+    assert main(["inspect", final]) == 0
+    text = capsys.readouterr().out
+    assert "class head: " in text and "layer 0 logits: recomputed with the shared class head" in text
