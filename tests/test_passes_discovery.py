@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import handwritten_decoder as hd
 from edgeprune.errors import PatternNotFoundError
-from edgeprune.passes.discovery.discover import discover, require_parts
+from edgeprune.passes.discovery.discover import discover
+from edgeprune.passes.discovery.guidance import require_parts
 from edgeprune.graph.index import GraphIndex, match_parent_path
 from edgeprune.passes.discovery.structure import DecoderStructure, ProjectionInput
 
@@ -358,7 +359,8 @@ def test_missing_part_names_the_override_that_supplies_it() -> None:
     structure = discover(model)
     assert structure.num_layers == 2 and all(layer.logits is None for layer in structure.layers)
     require_parts(structure, ["probs", "key", "value", "mask"])
-    with pytest.raises(PatternNotFoundError, match=r"layer 0's class logits.*--override layer\.0\.logits=TENSOR"):
+    with pytest.raises(PatternNotFoundError, match=r"needs 2 decoder parts.*class logits.*: --override "
+                       r"layer\.0\.logits=TENSOR --override layer\.1\.logits=TENSOR$"):           # all at once
         require_parts(structure, ["logits"], "--method tggbc")
     fixed = discover(model, ["layer.0.logits=l0.logits", "layer.1.logits=l1.logits"])
     require_parts(fixed, ["logits"])

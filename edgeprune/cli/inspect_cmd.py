@@ -44,10 +44,25 @@ def _table(desc: Any) -> List[str]:
                      _g(flops.total * b), _g(flops.cross.total * b),
                      layer.probs.tensor or f"fused({layer.pv_node})",
                      ",".join(p.tensor for p in layer.key_inputs) or "?",
-                     ",".join(p.tensor for p in layer.value_inputs) or "?", layer.logits or "?"])
+                     ",".join(p.tensor for p in layer.value_inputs) or "?",
+                     layer.logits or ("recomputed (class head)" if layer.logits_recomputed else "?")])
     rows.append(["total", "", "", _g(desc.flops.total), _g(desc.flops.cross_total), "", "", "", ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _head_lines(desc: Any) -> List[str]:
+    """Which layers' logits are recomputed, and from where: the graph has only the last layer's head."""
+    from edgeprune.report.describe import logits_source
+
+    s = desc.structure
+    head = s.class_head
+    if head is None:
+        return []
+    lines = [f"class head: {len(head.nodes)} nodes from {head.entry} to {head.exit}"
+             + (" (run once on every layer's stacked output)" if head.stacked else "")]
+    lines += [f"  layer {layer.index} logits: {logits_source(s, layer)}" for layer in s.layers if layer.logits_recomputed]
+    return lines
 
 
 def _estimate_lines(desc: Any) -> List[str]:
@@ -71,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
           f"{s.num_keys} keys, {s.num_heads} heads, width {s.embed_dims}, {s.num_classes} classes, "
           f"FFN {desc.sizes.ffn_dims or '?'}, batch {s.batch}")
     for line in _table(desc):
+        print(line)
+    for line in _head_lines(desc):
         print(line)
     if desc.estimate is not None:
         for line in _estimate_lines(desc):

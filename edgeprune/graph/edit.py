@@ -87,6 +87,24 @@ class GraphEditor:
             return self.op(op, [x, self.ints("axes", axis)], what, keepdims=keepdims)
         return self.op(op, [x], what, axes=[axis], keepdims=keepdims)
 
+    def clone(self, names: Sequence[str], inputs: Mapping[str, Any], what: str) -> dict[str, Any]:
+        """Copies of the input model's nodes ``names`` (graph order), named ``{scope}{what}/{name}``.
+
+        The copies read ``inputs[t]`` where the originals read tensor ``t``, each other's outputs
+        where the originals read each other's, and the originals' other inputs (constants) as
+        they are. Returns original output name -> the copy's output tensor.
+        """
+        made: dict[str, Any] = dict(inputs)
+        for name in names:
+            node = self.node(name)
+            copy_name = f"{self.scope}{what}/{name}"
+            outs = [self.gs.Variable(f"{copy_name}:{i}") for i in range(len(node.outputs))]
+            copy = self.gs.Node(op=node.op, name=copy_name, attrs=dict(node.attrs), domain=node.domain,
+                                inputs=[made.get(t.name, t) for t in node.inputs], outputs=outs)
+            self.graph.nodes.append(copy)
+            made.update({old.name: new for old, new in zip(node.outputs, outs)})
+        return made
+
     def as_float(self, x: Any, name: str) -> Any:
         """Cast to float32 when the model computes ``name`` in another float type."""
         elem = self.info.get(name, (FLOAT, ()))[0]

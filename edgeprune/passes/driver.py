@@ -28,7 +28,8 @@ from edgeprune.graph.edit import WorkingModel
 from edgeprune.graph.files import load_model, save_onnx
 from edgeprune.graph.values import initializer_nbytes
 from edgeprune.io import atomic_path, check_writable
-from edgeprune.passes.discovery.discover import discover, require_parts
+from edgeprune.passes.discovery.discover import discover
+from edgeprune.passes.discovery.guidance import require_parts
 from edgeprune.passes.discovery.overrides import Overrides, parse_overrides
 from edgeprune.passes.registry import get_precision
 from edgeprune.passes.discovery.structure import DecoderStructure

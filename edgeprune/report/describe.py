@@ -42,6 +42,7 @@ class ModelDescription:
             "num_queries": s.num_queries, "num_keys": s.num_keys, "num_heads": s.num_heads,
             "embed_dims": s.embed_dims, "num_classes": s.num_classes, "ffn_dims": self.sizes.ffn_dims,
             "cls_output": s.cls_output, "query_initializers": list(s.query_initializers),
+            "class_head": self._class_head(),
             "layers": [self._layer(i) for i in range(s.num_layers)],
             "flops": {"total": self.flops.total, "cross_attention": self.flops.cross_total},
         }
@@ -66,11 +67,29 @@ class ModelDescription:
             "key_inputs": [p.tensor for p in layer.key_inputs],
             "value_inputs": [p.tensor for p in layer.value_inputs],
             "masks": [m.tensor for m in layer.masks], "logits": layer.logits,
+            "logits_source": logits_source(self.structure, layer),
             "flops": {"total": flops.total * b, "cross_attention": flops.cross.total * b,
                       "cross_attention_parts": {k: v * b for k, v in asdict(flops.cross).items()},
                       "self_attention": flops.self_attn.total * b if flops.self_attn else None,
                       "ffn": flops.ffn * b if flops.ffn else None},
         }
+
+
+    def _class_head(self) -> dict[str, Any] | None:
+        head = self.structure.class_head
+        if head is None:
+            return None
+        return {"entry": head.entry, "exit": head.exit, "nodes": list(head.nodes), "stacked": head.stacked,
+                "recomputes_layers": [layer.index for layer in self.structure.layers if layer.logits_recomputed]}
+
+
+def logits_source(structure: DecoderStructure, layer: Any) -> str:
+    """How a pass gets this layer's class logits, in words (``inspect`` shows it per layer)."""
+    if layer.logits is not None:
+        return "in the graph"
+    if layer.logits_recomputed and structure.class_head is not None:
+        return f"recomputed with the shared class head from {layer.head_input}"
+    return f"missing: name them with --override layer.{layer.index}.logits=TENSOR"
 
 
 def _position(index: GraphIndex, name: str) -> int:

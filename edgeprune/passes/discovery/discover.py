@@ -27,12 +27,14 @@ from typing import Any, Iterable, Mapping, Sequence
 from edgeprune.errors import InvalidModelError, PatternNotFoundError
 from edgeprune.passes.discovery.attention import AttentionMatch, find_attentions, find_projection, \
     match_softmax_attention
+from edgeprune.passes.discovery.class_head import find_class_head
+from edgeprune.passes.discovery.guidance import mask_candidates, no_decoder_message
 from edgeprune.graph.index import GraphIndex, name_nodes
 from edgeprune.graph.ops import LAYOUT_OPS, STACK_VIEWS
 from edgeprune.graph.values import attr
-from edgeprune.passes.discovery.overrides import LAYER_PARTS, Overrides, TensorSpec, parse_overrides
-from edgeprune.passes.discovery.structure import AttentionProbs, DecoderLayer, DecoderStructure, MaskInput, \
-    ProjectionInput
+from edgeprune.passes.discovery.overrides import Overrides, TensorSpec, parse_overrides
+from edgeprune.passes.discovery.structure import AttentionProbs, ClassHead, DecoderLayer, DecoderStructure, \
+    MaskInput, ProjectionInput
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,34 @@ def discover(model: Any, overrides: Overrides | Mapping[str, str] | Sequence[str
     if ov.layers:
         layers = _fill_logits(index, _apply_overrides(index, layers, ov, attentions), ov)
     if not layers:
-        raise PatternNotFoundError(_no_decoder_message(index, attentions))
-    return _assemble(index, layers, source, ov, dmap if source == "metadata" else None)
+        raise PatternNotFoundError(no_decoder_message(index, attentions))
+    layers, head = _with_class_head(index, layers, ov)
+    return _assemble(index, layers, source, ov, dmap if source == "metadata" else None, head)
+
+
+def _with_class_head(index: GraphIndex, layers: list[DecoderLayer],
+                     ov: Overrides) -> tuple[list[DecoderLayer], ClassHead | None]:
+    """Layers without logits get the position the shared class head reads (to recompute them).
+
+    The last layer's logits are the head's output itself, unless the head runs on the stack
+    of all layers (then it runs after the last layer, and every layer recomputes).
+    """
+    if all(layer.logits is not None for layer in layers):
+        return layers, None
+    found = find_class_head(index, layers, ov.cls_output if ov.cls_output and not unstack(index, ov.cls_output)
+                            else None)
+    if found is None:
+        return layers, None
+    head, inputs = found
+    last = len(layers) - 1
+    updated = []
+    for layer, tensor in zip(layers, inputs):
+        if layer.logits is None and layer.index == last and not head.stacked:
+            layer = replace(layer, logits=head.exit)
+        elif layer.logits is None:
+            layer = replace(layer, head_input=tensor)
+        updated.append(layer)
+    return updated, head
 
 
 # ------------------------------------------------------------------ metadata
@@ -169,19 +197,6 @@ def _matched_layers(index: GraphIndex, attentions: Sequence[AttentionMatch], ov:
                     cls_output)
         logits = None
     return [_layer(i, m, logits[i] if logits else None) for i, m in enumerate(cross)]
-
-
-def _no_decoder_message(index: GraphIndex, attentions: Sequence[AttentionMatch]) -> str:
-    softmax = [n for n in index.graph.node if n.op_type == "Softmax"]
-    dynamic = [n for n in softmax if any(not isinstance(d, int) for d in (index.shape(n.output[0]) or (None,)))]
-    hint = ""
-    if dynamic:
-        hint = (f"; {len(dynamic)} Softmax outputs have no static shape: export with fixed input sizes "
-                "(or run onnxsim with --overwrite-input-shape)")
-    return (f"no decoder cross-attention found: the graph has {len(softmax)} Softmax nodes, {len(attentions)} "
-            f"matched as attention, none with keys independent of its queries{hint}. edgeprune needs a DETR-style "
-            "decoder (queries attending to image tokens); if the graph has one, name each layer with "
-            "--override layer.N.probs=TENSOR (and layer.N.key/value/logits)")
 
 
 # ------------------------------------------------------------------ logits
@@ -305,7 +320,8 @@ def _probs_layer(index: GraphIndex, i: int, spec: TensorSpec, attentions: Sequen
         probs = AttentionProbs(spec.tensor, "BQK_mean", ov.heads or 1)
     pv = next((u.name for u in index.users(spec.tensor) if u.op_type == "MatMul" and u.input[0] == spec.tensor), "")
     return DecoderLayer(index=i, probs=probs, key_inputs=(), value_inputs=(), masks=(), pv_node=pv,
-                        logits=logits, num_keys=int(shape[-1]))
+                        logits=logits, num_keys=int(shape[-1]),
+                        unmatched_masks=tuple(mask_candidates(index, spec.tensor, int(shape[-1]))))
 
 
 def _consumer(index: GraphIndex, spec: TensorSpec, what: str, previous: Sequence[Any],
@@ -417,7 +433,7 @@ def query_constants(index: GraphIndex, num_queries: int) -> tuple[str, ...]:
 
 
 def _classes(index: GraphIndex, layers: Sequence[DecoderLayer], cls_output: str | None) -> int:
-    for tensor in [layers[0].logits, cls_output]:
+    for tensor in [layers[0].logits, layers[-1].logits, cls_output]:
         shape = index.shape(tensor) if tensor else None
         if shape and isinstance(shape[-1], int):
             return int(shape[-1])
@@ -433,7 +449,7 @@ def _embed(index: GraphIndex, layer: DecoderLayer) -> int:
 
 
 def _assemble(index: GraphIndex, layers: list[DecoderLayer], source: str, ov: Overrides,
-              dmap: Any) -> DecoderStructure:
+              dmap: Any, head: ClassHead | None = None) -> DecoderStructure:
     first = layers[0]
     batch, num_queries = _probs_geometry(index, first)
     cls_output = ov.cls_output or find_cls_output(index)
@@ -442,35 +458,7 @@ def _assemble(index: GraphIndex, layers: list[DecoderLayer], source: str, ov: Ov
         layers=tuple(layers), batch=batch, num_queries=num_queries, num_keys=first.num_keys,
         num_classes=_classes(index, layers, cls_output), embed_dims=_embed(index, first),
         num_heads=first.probs.num_heads, source=source, query_initializers=queries,
-        cls_output=cls_output, decoder_map=dmap)
+        cls_output=cls_output, decoder_map=dmap, class_head=head)
     log.debug("decoder (%s): %d layers, %d queries, %d keys, %d heads, batch %d", source, structure.num_layers,
              num_queries, first.num_keys, first.probs.num_heads, batch)
     return structure
-
-
-# ------------------------------------------------------------------ requirements
-def missing_parts(structure: DecoderStructure, parts: Iterable[str]) -> list[tuple[int, str]]:
-    """(layer, part) pairs a pass needs but discovery did not find."""
-    wanted = list(parts)
-    unknown = [p for p in wanted if p not in LAYER_PARTS]
-    if unknown:
-        raise ValueError(f"unknown decoder parts {unknown}; known: {list(LAYER_PARTS)}")
-    missing = []
-    for layer in structure.layers:
-        have = {"probs": layer.probs.tensor is not None or layer.probs.fused_qk is not None,
-                "key": bool(layer.key_inputs), "value": bool(layer.value_inputs),
-                "mask": bool(layer.masks), "logits": layer.logits is not None}
-        missing += [(layer.index, p) for p in wanted if not have[p]]
-    return missing
-
-
-def require_parts(structure: DecoderStructure, parts: Iterable[str], needed_by: str = "this pass") -> None:
-    """Raise PatternNotFoundError naming the first missing part and the ``--override`` that supplies it."""
-    missing = missing_parts(structure, parts)
-    if not missing:
-        return
-    layer, part = missing[0]
-    more = f" ({len(missing) - 1} more parts missing)" if len(missing) > 1 else ""
-    raise PatternNotFoundError(
-        f"{needed_by} needs layer {layer}'s {LAYER_PARTS[part]}, which discovery did not find{more}; "
-        f"supply it with --override layer.{layer}.{part}=TENSOR")

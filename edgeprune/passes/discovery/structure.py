@@ -14,6 +14,16 @@ Attention as matched (one head shown; the pre-softmax Add is optional)::
 ``k_in``/``v_in`` are the *inputs of the key/value projections* (for cross-attention in
 PETR-family decoders: ``memory + key_pos`` and ``memory``). Key pruning gathers these, not the
 projected tensors, so the later projections shrink too.
+
+Deployment graphs often compute the class logits of the last layer only. The class branch
+is one module shared by all layers, so a layer whose logits are not in the graph gets them
+recomputed by a copy of the graph's own class head (:class:`ClassHead`)::
+
+    layer l output  [B, Nq, E] (head_input) --copy of the head--> logits_l [B, Nq, C]   (tggbc/l{l}/class_head/)
+    last layer out  [B, Nq, E] (entry) --LayerNorm -> Linear-LN-ReLU x2 -> Linear--> cls output (exit)
+
+or, when the head runs once on the stacked outputs of every layer (Hugging Face's auxiliary
+outputs), ``entry`` is the stack ``[L, B, Nq, E]`` and layer l's input is its l-th slice.
 """
 from __future__ import annotations
 
@@ -96,6 +106,31 @@ class DecoderLayer:
     # op (exclusive): projections, bias Adds, Splits, head Reshapes/Transposes. Static shape
     # constants of these nodes carry Nk and must follow when keys are gathered.
     key_path_nodes: tuple[str, ...] = ()
+    # Where this layer's output sits at the position the class head reads (``ClassHead.entry``
+    # for the last layer): set when ``logits`` is None and the logits are to be recomputed.
+    head_input: str | None = None
+    # Masks on this layer's scores that discovery saw but could not record (a layer named by
+    # overrides): a pass that gathers keys needs them named with ``--override layer.N.mask``.
+    unmatched_masks: tuple[str, ...] = ()
+
+    @property
+    def logits_recomputed(self) -> bool:
+        """True when a pass must recompute this layer's logits with the shared class head."""
+        return self.logits is None and self.head_input is not None
+
+
+@dataclass(frozen=True)
+class ClassHead:
+    """The class branch as the graph computes it after the last layer, shared by all layers.
+
+    ``nodes`` (graph order) read ``entry`` and constants only and end in ``exit``, the class
+    logits; applying copies of them to another layer's output gives that layer's logits.
+    """
+
+    entry: str                  # last layer's output [B, Nq, E], or the stack of all layers' [L, B, Nq, E]
+    exit: str                   # the logits the head computes from ``entry``
+    nodes: tuple[str, ...]      # node names from entry (exclusive) to exit (inclusive)
+    stacked: bool = False       # ``entry`` stacks every layer's output along axis 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +152,8 @@ class DecoderStructure:
     # The exporter's record (``edgeprune.export.decoder_map.DecoderMap``) when source is
     # "metadata": query tensors with their axes, shape constants carrying Nq, memory inputs.
     decoder_map: Any = None
+    # The shared class head, when some layer's logits must be recomputed with it.
+    class_head: ClassHead | None = None
 
     @property
     def num_layers(self) -> int:

@@ -5,6 +5,8 @@ Computes in the graph what :mod:`edgeprune.methods.tggbc` computes in PyTorch (t
 the pass inserts, all named ``tggbc/l{l}/...`` (the fp16 pass keeps that prefix in fp32)::
 
     logits_l [B, Nq, C] -> ReduceMax(C) -> Sigmoid                          c [B, Nq]
+      (logits not in the graph: the graph's class head copied onto layer l's output,
+       tggbc/l{l}/class_head/..., see structure.ClassHead)
       [-> TopK(k) -> ScatterElements 0/1 mask -> c * mask]                   (k > 0: top queries)
     probs_l  [B, h, Nq, Nk_l] | [B*h, Nq, Nk_l] | [B, Nq, Nk_l] (head mean)
       (fused attention: softmax(Q K^T * scale + mask) recomputed from Q, K)
@@ -38,7 +40,7 @@ from edgeprune.graph.edit import BOOL, FLOAT, GraphEditor, WorkingModel, model_o
 from edgeprune.graph.shapes import tensor_info
 from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
                                       key_counts_from_args)
-from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure, MaskInput
+from edgeprune.passes.discovery.structure import ClassHead, DecoderLayer, DecoderStructure, MaskInput
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class KeyPruningPlan:
     num_queries: int
     steps: tuple[PruningStep, ...]
     keys_per_layer: tuple[int, ...]          # keys each layer attends to after pruning
+    class_head: ClassHead | None = None      # recomputes the logits of layers whose logits are not in the graph
 
     def stage(self, layer: int) -> int:
         """How many pruning steps happen before ``layer`` (0: it sees all keys)."""
@@ -107,7 +110,8 @@ def plan_key_pruning(structure: DecoderStructure, config: TgGBCConfig, tensorrt:
         if drop > 0 and layer.index < structure.num_layers - 1:
             steps.append(PruningStep(layer.index, keys, drop, topk_sizes(keys - drop, tensorrt)))
             keys -= drop
-    return KeyPruningPlan(config, tensorrt, structure.batch, structure.num_queries, tuple(steps), tuple(widths))
+    return KeyPruningPlan(config, tensorrt, structure.batch, structure.num_queries, tuple(steps), tuple(widths),
+                          structure.class_head)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -183,11 +187,7 @@ def _query_weights(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan) -
     cfg, b, nq = plan.config, plan.batch, plan.num_queries
     if not cfg.use_class_score and cfg.k <= 0:
         return ed.const("ones", np.ones((b, nq), dtype=np.float32))
-    if layer.logits is None:
-        raise PatternNotFoundError(f"tgGBC needs layer {layer.index}'s class logits, which discovery did not find; "
-                                   f"supply them with --override layer.{layer.index}.logits=TENSOR")
-    logits = ed.as_float(ed.tensor(layer.logits), layer.logits)
-    logits = ed.reshape(logits, "logits", b, nq, -1)                           # [B, Nq, C]
+    logits = ed.reshape(_layer_logits(ed, layer, plan.class_head), "logits", b, nq, -1)   # [B, Nq, C]
     reduce_op = {"max": "ReduceMax", "mean": "ReduceMean", "min": "ReduceMin"}[cfg.class_reduce]
     conf = ed.op("Sigmoid", [ed.reduce(reduce_op, logits, -1, "class_reduce")], "confidence")   # [B, Nq]
     weights = conf if cfg.use_class_score else ed.const("ones", np.ones((b, nq), dtype=np.float32))
@@ -198,6 +198,21 @@ def _query_weights(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan) -
                        "query_mask", axis=1)                                    # [B, Nq] 0/1
         weights = ed.op("Mul", [weights, chosen], "weights")
     return weights
+
+
+def _layer_logits(ed: GraphEditor, layer: DecoderLayer, head: ClassHead | None) -> Any:
+    """Layer ``layer``'s class logits in fp32: the graph's, or its class head copied onto the layer's output.
+
+    The copy reads the layer's output at the position the head reads the last layer's, so it
+    computes exactly what the (removed) head of this layer computed: the branch is shared.
+    """
+    if layer.logits is not None:
+        return ed.as_float(ed.tensor(layer.logits), layer.logits)
+    if layer.head_input is None or head is None:
+        raise PatternNotFoundError(f"tgGBC needs layer {layer.index}'s class logits, which discovery did not find; "
+                                   f"supply them with --override layer.{layer.index}.logits=TENSOR")
+    copies = ed.clone(head.nodes, {head.entry: ed.tensor(layer.head_input)}, "class_head")
+    return ed.as_float(copies[head.exit], head.exit)
 
 
 def _select_keys(ed: GraphEditor, scores: Any, step: PruningStep, batch: int) -> Any:
