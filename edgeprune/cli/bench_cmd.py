@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 from edgeprune.cli.args import add_input_arguments, add_timing_arguments, timing_repeats
@@ -49,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--profile", action="store_true", help="per-op profile by op type and decoder layer")
     out.add_argument("--profile-top", type=int, default=15, metavar="N", help="op types shown in the profile")
-    out.add_argument("--json", default=None, metavar="F", help="write everything (raw samples, environment) as JSON")
-    out.add_argument("--csv", default=None, metavar="F", help="write every run as a CSV row with the environment")
+    out.add_argument("--json", default=None, metavar="F",
+                     help="write everything (raw samples, environment) as JSON; - for stdout (the table then goes to stderr)")
+    out.add_argument("--csv", default=None, metavar="F",
+                     help="write every run as a CSV row with the environment; - for stdout")
     out.add_argument("--plot", default=None, metavar="F", help="write a PNG of the latency distributions")
 
 
@@ -119,15 +122,20 @@ def _options(args: argparse.Namespace) -> Any:
     ).validate()
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
+def _check_files(args: argparse.Namespace) -> Any:
+    """The output policy (edgeprune.io): models, --inputs and a profile path are inputs;
+    --json/--csv may be '-' (stdout)."""
     from edgeprune._lazy import require
-    from edgeprune.io import check_writable
+    from edgeprune.devices.profile import looks_like_path
+    from edgeprune.io import check_command_files
 
-    for path in (args.json, args.csv, args.plot):
-        if path:
-            check_writable(path)
+    device = args.device if looks_like_path(args.device) else None
+    files = check_command_files({"MODEL.onnx": list(args.models), "--inputs": args.inputs, "--device": device},
+                                {"--json": args.json, "--csv": args.csv, "--plot": args.plot},
+                                stdout=("--json", "--csv"))
     if args.plot:
         require("matplotlib")
+    return files
 
 
 def _write_outputs(report: Any, args: argparse.Namespace) -> None:
@@ -136,16 +144,17 @@ def _write_outputs(report: Any, args: argparse.Namespace) -> None:
     for path, write in ((args.json, out.write_json), (args.csv, out.write_csv), (args.plot, out.write_plot)):
         if path:
             write(report, path)
-            log.info("wrote %s", path)
+            if path != "-":
+                log.info("wrote %s", path)
 
 
-def _print_profiles(report: Any, top: int) -> None:
+def _print_profiles(report: Any, top: int, stream: Any) -> None:
     from edgeprune.runners.profile import format_profile
 
     for m in report.models:
         if m.profile_summary is not None:
-            print()
-            print(format_profile(m.profile_summary, top=top))
+            print(file=stream)
+            print(format_profile(m.profile_summary, top=top), file=stream)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,13 +162,15 @@ def run(args: argparse.Namespace) -> int:
     from edgeprune.runners.report import format_table
 
     options = _options(args)
-    _check_outputs(args)
+    files = _check_files(args)
+    # A report sent to stdout ('-') keeps stdout machine-readable: the table goes to stderr.
+    table_stream = sys.stderr if files.to_stdout("--json") or files.to_stdout("--csv") else sys.stdout
     with progress_bar() as progress:       # the total comes with each progress call
         report = benchmark(args.models, options, precision=args.precision, device=args.device, progress=progress)
-    print(format_table(report))
+    print(format_table(report), file=table_stream)
     for warning in report.warnings:
         log.warning("warning: %s", warning)
     if args.profile:
-        _print_profiles(report, args.profile_top)
+        _print_profiles(report, args.profile_top, table_stream)
     _write_outputs(report, args)
     return 0

@@ -41,12 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeprune.io import check_writable
+    from edgeprune.io import check_command_files
     from edgeprune.passes import registry
     from edgeprune.passes.driver import rewrite
     from edgeprune.passes.verify import load_inputs
 
-    check_writable(args.output)
+    check_command_files({"IN.onnx": args.model, "--inputs": args.inputs, "--calib": getattr(args, "calib", None),
+                         "--keep-indices": getattr(args, "keep_indices", None)}, {"-o": args.output})
     passes = registry.build_passes(args)
     precision_cls = registry.get_precision(args.precision)
     precision = precision_cls.from_args(args) if precision_cls is not None else "fp32"

@@ -242,7 +242,8 @@ def list_profiles() -> list[DeviceProfile]:
     return [_read_named(path) for _, path in sorted(_profile_files().items())]
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
+    """A ``--device`` value naming a profile file rather than a profile name."""
     return os.sep in text or "/" in text or text.endswith(".json")
 
 
@@ -251,7 +252,7 @@ def load_profile(name_or_path: str | os.PathLike | DeviceProfile) -> DeviceProfi
     if isinstance(name_or_path, DeviceProfile):
         return name_or_path
     text = os.fspath(name_or_path)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         return read_profile(text)
     files = _profile_files()
     if text not in files:

@@ -27,7 +27,7 @@ from edgeprune.errors import InternalError
 from edgeprune.graph.edit import WorkingModel
 from edgeprune.graph.files import load_model, save_onnx
 from edgeprune.graph.values import initializer_nbytes
-from edgeprune.io import atomic_path, check_writable
+from edgeprune.io import atomic_path, check_writable, write_target
 from edgeprune.passes.discovery.discover import discover, require_parts
 from edgeprune.passes.discovery.overrides import Overrides, parse_overrides
 from edgeprune.passes.registry import get_precision
@@ -159,6 +159,6 @@ def _save_checked(model: Any, target: Path, in_path: str | os.PathLike, verify: 
             report = compare_models(in_path, tmp, seed=seed, inputs=inputs) if verify else None
     except BaseException:
         if external is not None:
-            (target.parent / external).unlink(missing_ok=True)
+            (write_target(target).parent / external).unlink(missing_ok=True)
         raise
     return external, report

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgeprune._lazy import require
-from edgeprune.io import atomic_path
+from edgeprune.io import STDOUT, atomic_path
 from edgeprune.runners.results import BenchReport
 
 CSV_COLUMNS = ("device", "hostname", "machine", "ort_version", "providers", "threads", "model", "precision",
@@ -73,9 +74,15 @@ def format_table(report: BenchReport) -> str:
 
 
 def write_json(report: BenchReport, path: str | Path) -> Path:
+    """``report`` as JSON to ``path`` (atomically) or to stdout for ``-``."""
+    text = json.dumps(report.to_dict(), indent=1)
+    if str(path) == STDOUT:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return Path(STDOUT)
     target = Path(path)
     with atomic_path(target, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=1))
+        tmp.write_text(text)
     return target
 
 
@@ -96,6 +103,13 @@ def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
 
 
 def write_csv(report: BenchReport, path: str | Path) -> Path:
+    """One row per run to ``path`` (atomically) or to stdout for ``-``."""
+    if str(path) == STDOUT:
+        writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(report))
+        sys.stdout.flush()
+        return Path(STDOUT)
     target = Path(path)
     with atomic_path(target, suffix=".csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
