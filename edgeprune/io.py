@@ -20,14 +20,18 @@ Every command declares its inputs and outputs once, before any long work
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence, Union
 
-from edgeprune.errors import InputFileError, OutputPathError
+if TYPE_CHECKING:
+    import numpy as np
+
+from edgeprune.errors import InputFileError, ModelNotFoundError, OutputPathError
 
 STDOUT = "-"
 #: never written to, whatever the file there is: /dev/stdout may be a link to a regular file
@@ -76,6 +80,37 @@ def read_input_bytes(path: PathArg, what: str = "input", max_bytes: int | None =
         raise FileNotFoundError(2, "No such file or directory", str(path))
     with open(path, "rb") as fh:
         return fh.read()
+
+
+def read_npz(path: PathArg, what: str, missing_hint: str) -> dict[str, "np.ndarray"]:
+    """The arrays of an ``.npz`` by name: the one reader of user arrays (``--inputs``, ``--calib``).
+
+    A missing file says ``missing_hint``; a file numpy cannot read as ``.npz`` (corrupt zip, a
+    ``.npy``, a pickle) and arrays holding NaN or Inf are one-line errors: NaN inputs make every
+    comparison "exact" and NaN calibration silently decides a ranking.
+    """
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    if check_input_file(path, what) is None:
+        raise ModelNotFoundError(f"{what} {path} does not exist; {missing_hint}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not an .npz archive")  # noqa: TRY004 (caught below)
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"cannot read {what} {path} ({reason}); expected an .npz written by numpy.savez") from exc
+    for name, arr in arrays.items():
+        if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise InputFileError(f"{what} {path}: array {name!r} {list(arr.shape)} holds {bad} NaN/Inf value(s); "
+                                 "give finite data")
+    return arrays
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -188,6 +223,10 @@ def check_command_files(inputs: Mapping[str, Declared], outputs: Mapping[str, De
     return CommandFiles(tuple(ins), tuple(outs))
 
 
+#: errors of writing, whoever raised them without a file name (onnx's serializer, numpy)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def _default_mode() -> int:
     """What ``open(path, "w")`` would give a new file under the current umask."""
     mask = os.umask(0o022)
@@ -216,6 +255,10 @@ def atomic_path(path: PathArg, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, mode)
         os.replace(tmp_path, target)
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS and exc.filename not in (str(tmp_path), str(target)):
+            raise
+        raise OutputPathError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

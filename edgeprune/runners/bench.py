@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from edgeprune._lazy import available
 from edgeprune.errors import ParameterError
+from edgeprune.io import read_npz
 from edgeprune.runners.factory import Runner, get_runner
 from edgeprune.runners.precision import plan_models
 from edgeprune.runners.profile import graph_node_layers
@@ -76,8 +77,8 @@ class BenchOptions:
         for name, value in self.free_dims.items():
             if value < 1:
                 raise ParameterError(f"--free-dim {name}={value}: a dimension must be >= 1")
-        if self.npz is not None and not Path(self.npz).is_file():
-            raise ParameterError(f"--inputs {self.npz} does not exist; give an .npz with one array per model input")
+        if self.npz is not None:        # corrupt, NaN or missing: one line here, not on the board
+            read_npz(self.npz, "--inputs file", "give an .npz with one array per model input")
         return self
 
 
