@@ -9,8 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from _runner_models import matmul_chain
+
 from edgeprune.cli import main as cli_main
 from edgeprune.errors import OutputPathError
 from edgeprune.io import atomic_path, check_command_files
@@ -147,10 +147,9 @@ def test_atomic_path_keeps_mode_and_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "t.txt"
     target.write_text("old")
     os.chmod(target, 0o604)
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["t.txt"]
     with atomic_path(target) as tmp:
         tmp.write_text("new")

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_timing_arguments(run, warmup=5, repeats=DEFAULT_REPEATS, budget_lifts_repeats=True,
                          threads_default="device / ORT default")
     run.add_argument("--sequential", action="store_true", help="time models one after another, not interleaved")
+    run.add_argument("--compare-anyway", action="store_true",
+                     help="print speedups also between models whose inputs differ (by default: no ratio)")
     run.add_argument("--affinity", default=None, metavar="CPUS", help="pin to CPUs, e.g. 4-7 or 0,2 (Linux)")
     run.add_argument("--providers", default=None, metavar="LIST",
                      help="execution providers in priority order, e.g. tensorrt,cuda,cpu (default: device's, else cpu)")
@@ -113,12 +115,15 @@ def parse_providers(text: str | None, options: list[str]) -> tuple[tuple[str, di
 def _options(args: argparse.Namespace) -> Any:
     from edgeprune.runners.bench import BenchOptions
 
+    if args.profile_top < 1:
+        raise ParameterError(f"--profile-top must be >= 1 (got {args.profile_top}): it is how many op types "
+                             "the profile shows")
     return BenchOptions(
         warmup=args.warmup, repeats=timing_repeats(args, DEFAULT_REPEATS), time_budget_s=args.time_budget,
         threads=args.threads,
         providers=parse_providers(args.providers, args.provider_option), affinity=parse_affinity(args.affinity),
         seed=args.seed, free_dims=parse_free_dims(args.free_dim), npz=args.inputs,
-        interleave=not args.sequential, profile=args.profile,
+        interleave=not args.sequential, profile=args.profile, compare_anyway=args.compare_anyway,
     ).validate()
 
 

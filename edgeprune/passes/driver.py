@@ -97,6 +97,32 @@ def check_model(path: Path) -> None:
         raise InternalError(f"ONNX Runtime cannot load the rewritten model: {str(exc).splitlines()[0]}") from exc
 
 
+def refuse_reducing_twice(model: Any, chain: Sequence[Any], in_path: str | os.PathLike) -> None:
+    """Refuse key reduction on a model whose keys a key-reduction pass already reduced.
+
+    Discovery would read the inserted scoring/TopK/Gather subgraph as part of the decoder and
+    the second rewrite ends in "Cycle detected" or out-of-range Gathers (a 600-line traceback).
+    Known from the ``edgeprune.rewrite`` record or, when a tool dropped it, the node prefixes
+    (``tggbc/``, ``tome/``).
+    """
+    from edgeprune.errors import ParameterError
+    from edgeprune.passes import registry
+    from edgeprune.passes.keys.feed import KeyReductionPass
+
+    if not any(isinstance(p, KeyReductionPass) and p.config.enabled for p in chain):
+        return
+    reducing = [m for m in registry.method_names() if issubclass(registry.get_method(m), KeyReductionPass)]
+    record = next((p.value for p in model.metadata_props if p.key == REWRITE_KEY), None)
+    try:
+        done = {name for entry in json.loads(record) for name in entry.get("passes", [])} if record else set()
+    except (ValueError, TypeError, AttributeError):
+        done = set()
+    done = {m for m in reducing if m in done or any(n.name.startswith(f"{m}/") for n in model.graph.node)}
+    if done:
+        raise ParameterError(f"{in_path} is already key-reduced ({', '.join(sorted(done))}); reducing it again is "
+                             "not supported: rewrite the original model with the total --r/--n you want")
+
+
 # ------------------------------------------------------------------ passes
 def _precision_pass(precision: str | Any) -> tuple[str, Any | None]:
     if not isinstance(precision, str):
@@ -133,6 +159,7 @@ def rewrite(in_path: str | os.PathLike, out_path: str | os.PathLike, passes: Seq
     precision_name, precision_pass = _precision_pass(precision)
     chain = list(passes) + ([precision_pass] if precision_pass is not None else [])
     model = load_model(in_path)
+    refuse_reducing_twice(model, chain, in_path)
     nodes_before, bytes_before = len(model.graph.node), initializer_nbytes(model)
     for p in chain:
         model = p.prepare(model) if hasattr(p, "prepare") else model

@@ -64,6 +64,7 @@ class BenchOptions:
     interleave: bool = True
     profile: bool = False
     return_outputs: bool = False
+    compare_anyway: bool = False        # speedup ratios also between models whose inputs differ
 
     def validate(self) -> "BenchOptions":
         checks = [("--warmup", self.warmup, 0), ("--repeats", self.repeats, 1), ("--seed", self.seed, 0)]
@@ -123,7 +124,8 @@ def run_bench(specs: Sequence[ModelSpec], options: BenchOptions, runner: Runner,
     log.debug("request: %s (%d timed runs at most)", request, total)
     result = runner.run(request)
     node_layers = _profile_layers(specs) if options.profile else {}
-    return build_report(result, specs, device=device, request=request, node_layers=node_layers)
+    return build_report(result, specs, device=device, request=request, node_layers=node_layers,
+                        compare_anyway=options.compare_anyway)
 
 
 def _profile_layers(specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:

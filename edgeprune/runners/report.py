@@ -52,10 +52,20 @@ def _table_rows(report: BenchReport) -> list[list[str]]:
         rows.append([
             m.name, m.spec.precision or "-", str(s.n), _ms(s.median), f"[{_ms(s.ci_low)}, {_ms(s.ci_high)}]",
             _ms(s.min), _ms(s.mean), _ms(s.p90), _ms(s.p99), _ms(s.std),
-            f"{sp.ratio:.2f}x" if sp else "1.00x" if len(report.models) > 1 else "-",
-            f"[{sp.ci_low:.2f}, {sp.ci_high:.2f}]" if sp else ("baseline" if len(report.models) > 1 else "-"),
+            *_speedup_cells(sp, m is report.models[0], len(report.models)),
         ])
     return rows
+
+
+def _speedup_cells(sp: Any, is_base: bool, count: int) -> list[str]:
+    """(ratio, CI) cells: the baseline, a measured ratio, or "-" where inputs differ (see the warning)."""
+    if count < 2:
+        return ["-", "-"]
+    if is_base:
+        return ["1.00x", "baseline"]
+    if sp is None:
+        return ["-", "inputs differ"]
+    return [f"{sp.ratio:.2f}x", f"[{sp.ci_low:.2f}, {sp.ci_high:.2f}]"]
 
 
 def format_table(report: BenchReport) -> str:
