@@ -172,8 +172,8 @@ def profile_from_dict(raw: Any, source: str, default_name: str) -> DeviceProfile
     if unknown:
         raise _fail(source, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
     if "transport" not in raw:       # a board profile without it would time this machine, labelled as the board
-        raise _fail(source, f"has no 'transport'; add \"transport\": \"ssh\" (with \"host\") for a board, "
-                            f"or \"transport\": \"local\" for this machine")
+        raise _fail(source, "has no 'transport'; add \"transport\": \"ssh\" (with \"host\") for a board, "
+                            "or \"transport\": \"local\" for this machine")
     transport = _choice(raw, "transport", TRANSPORTS, "local", source)
     host = _opt_str(raw, "host", source)
     if transport == "ssh" and host is None:
