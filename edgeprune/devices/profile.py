@@ -244,8 +244,21 @@ def _read_named(path: Path) -> DeviceProfile:
 
 
 def list_profiles() -> list[DeviceProfile]:
-    """Every known profile (user files override packaged ones of the same name), by name."""
+    """Every known profile (user files override packaged ones of the same name), by name;
+    the first invalid one raises (see :func:`scan_profiles` to list around it)."""
     return [_read_named(path) for _, path in sorted(_profile_files().items())]
+
+
+def scan_profiles() -> tuple[list[DeviceProfile], list[DeviceError]]:
+    """(valid profiles, one error per invalid file): one broken user file must not hide the rest."""
+    good: list[DeviceProfile] = []
+    bad: list[DeviceError] = []
+    for _, path in sorted(_profile_files().items()):
+        try:
+            good.append(_read_named(path))
+        except DeviceError as exc:
+            bad.append(exc)
+    return good, bad
 
 
 def looks_like_path(text: str) -> bool:

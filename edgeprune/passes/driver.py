@@ -63,7 +63,7 @@ class RewriteReport:
                f"{self.precision}) in {self.seconds:.2f} s",
                f"decoder ({s.source}): {s.num_layers} layers, {s.num_queries} queries, {s.num_keys} keys, "
                f"{s.num_heads} heads, batch {s.batch}",
-               f"nodes {self.nodes_before} -> {self.nodes_after}, size {self.bytes_before / 1e6:.1f} MB -> "
+               f"nodes {self.nodes_before} -> {self.nodes_after}, weights {self.bytes_before / 1e6:.1f} MB -> "
                f"{self.bytes_after / 1e6:.1f} MB"]
         if self.verification is not None:
             out.append(f"drift against the input model, inputs {self.verification.inputs}:")
