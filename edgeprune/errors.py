@@ -27,6 +27,10 @@ class OutputPathError(UserError):
     """The output file cannot be written."""
 
 
+class InputFileError(UserError):
+    """An input path is not a regular file (FIFO, device, directory) or is implausibly large."""
+
+
 class InvalidModelError(UserError):
     """An ONNX file is corrupt, or a graph lacks the structure a pass needs."""
 

@@ -7,13 +7,13 @@ paper's 900 -> 300 query setting, on this machine, in a few minutes on 2 cores.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edgeprune.errors import OutputPathError
+from edgeprune.errors import OutputPathError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class DemoOptions:
     layers: int | None = None     # decoder layers (None: the preset's 6); fewer for quick runs
     r: int = 2000
     n: int = 1
-    k: int = 900
+    k: int | None = None          # None: every query, capped at the paper's 900 (the -light preset has 428)
     keep_queries: int = 300
     fp16: bool = True
     warmup: int = 3
@@ -61,7 +61,7 @@ def _export(opts: DemoOptions, model: object) -> Artifact:
     from edgeprune.export.exporter import export_onnx
 
     path = opts.out_dir / "decoder.onnx"
-    log.info("[1/4] exporting %s decoder (%s) -> %s", opts.model, opts.exporter, path)
+    log.info("%s exporting %s decoder (%s) -> %s", _steps(opts)["export"], opts.model, opts.exporter, path)
     report = export_onnx(model, path, exporter=opts.exporter, seed=opts.seed)
     worst = max(o.max_abs for o in report.validation.outputs) if report.validation else float("nan")
     return Artifact("baseline", path, f"export {opts.model} decoder, {opts.exporter}", _size(path),
@@ -88,7 +88,7 @@ def _tggbc(opts: DemoOptions, base: Path) -> Artifact:
     from edgeprune.methods.tggbc import TgGBCConfig
     from edgeprune.passes.keys.tggbc import KeyPruningPass
 
-    log.info("[2/4] tgGBC key pruning r=%d n=%d k=%d", opts.r, opts.n, opts.k)
+    log.info("%s tgGBC key pruning r=%d n=%d k=%d", _steps(opts)["tggbc"], opts.r, opts.n, opts.k)
     return _rewrite(base, opts.out_dir / "decoder_tggbc.onnx", "tggbc",
                     f"tgGBC r={opts.r} n={opts.n} k={opts.k}",
                     [KeyPruningPass(TgGBCConfig(r=opts.r, n=opts.n, k=opts.k))])
@@ -97,8 +97,8 @@ def _tggbc(opts: DemoOptions, base: Path) -> Artifact:
 def _gpq(opts: DemoOptions, base: Path, model: object) -> Artifact:
     from edgeprune.passes.queries.gpq import QueryPruningPass
 
-    log.info("[3/4] GPQ query shrinking to %d queries (one-shot ranking on seeded random inputs)",
-             opts.keep_queries)
+    log.info("%s GPQ query shrinking to %d queries (one-shot ranking on seeded random inputs)",
+             _steps(opts)["gpq"], opts.keep_queries)
     gpq_pass = QueryPruningPass(keep_queries=opts.keep_queries, calib=calibration_inputs(model, seed=opts.seed))
     return _rewrite(base, opts.out_dir / "decoder_gpq.onnx", "gpq",
                     f"GPQ one-shot keep {opts.keep_queries} queries", [gpq_pass])
@@ -110,10 +110,42 @@ def _fp16(opts: DemoOptions, src: Artifact) -> Artifact:
                     src_name=src.name)
 
 
-def build_models(opts: DemoOptions) -> list[Artifact]:
-    """Export, then each rewrite; returns the artifacts in benchmark order (baseline first)."""
+def check_demo_options(opts: DemoOptions) -> DemoOptions:
+    """Every option checked against the preset before minutes of export and rewriting.
+
+    Returns ``opts`` with ``k`` resolved. Raises the errors the steps would raise, earlier.
+    """
+    from edgeprune.methods.tggbc import TgGBCConfig
+    from edgeprune.models.presets import get_preset
+    from edgeprune.runners.bench import BenchOptions
+
+    preset = get_preset(opts.model)
+    d = preset.decoder
+    layers = opts.layers if opts.layers is not None else d.num_layers
+    if layers < 1:
+        raise ParameterError(f"--layers must be >= 1 (got {layers}); the preset has {d.num_layers}")
+    queries = d.num_queries + d.num_propagated
+    opts = replace(opts, k=min(900, queries) if opts.k is None else opts.k)
+    TgGBCConfig(r=opts.r, n=opts.n, k=opts.k).validate(preset.num_keys, layers, queries)
+    if not 0 <= opts.keep_queries <= queries:
+        raise ParameterError(f"--keep-queries must be in [0, {queries}] for {opts.model} ({queries} queries); "
+                             f"got {opts.keep_queries}")
+    BenchOptions(warmup=opts.warmup, repeats=opts.repeats, threads=opts.threads, seed=opts.seed).validate()
     if opts.out_dir.exists() and not opts.out_dir.is_dir():
         raise OutputPathError(f"{opts.out_dir} exists and is not a directory; choose another --out")
+    return opts
+
+
+def _steps(opts: DemoOptions) -> dict[str, str]:
+    """Step labels ``[i/N]``: GPQ and fp16 are optional, so N depends on the options."""
+    names = ["export", "tggbc"] + (["gpq"] if opts.keep_queries > 0 else []) + (["fp16"] if opts.fp16 else [])
+    names.append("bench")
+    return {name: f"[{i}/{len(names)}]" for i, name in enumerate(names, start=1)}
+
+
+def build_models(opts: DemoOptions) -> list[Artifact]:
+    """Export, then each rewrite; returns the artifacts in benchmark order (baseline first)."""
+    opts = check_demo_options(opts)
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     from edgeprune.models.build import build_model
 
@@ -123,7 +155,7 @@ def build_models(opts: DemoOptions) -> list[Artifact]:
     if opts.keep_queries > 0:
         made.append(_gpq(opts, base.path, model))
     if opts.fp16:
-        log.info("[3/4] fp16 conversion of the baseline and the tgGBC model")
+        log.info("%s fp16 conversion of the baseline and the tgGBC model", _steps(opts)["fp16"])
         made += [_fp16(opts, base), _fp16(opts, made[1])]
     return made
 
@@ -132,9 +164,10 @@ def run_demo(opts: DemoOptions, progress: Callable[[int, int], None] | None = No
     """Build every variant and benchmark them interleaved on this machine."""
     from edgeprune.runners.bench import BenchOptions, benchmark
 
+    opts = check_demo_options(opts)
     result = DemoResult(build_models(opts))
-    log.info("[4/4] benchmarking %d models interleaved (%d warm-up, %d repeats each)",
-             len(result.artifacts), opts.warmup, opts.repeats)
+    log.info("%s benchmarking %d models interleaved (%d warm-up, %d repeats each)",
+             _steps(opts)["bench"], len(result.artifacts), opts.warmup, opts.repeats)
     bench_opts = BenchOptions(warmup=opts.warmup, repeats=opts.repeats, threads=opts.threads, seed=opts.seed)
     result.bench = benchmark([a.path for a in result.artifacts], bench_opts, progress=progress)
     return result

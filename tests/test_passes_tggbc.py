@@ -422,8 +422,8 @@ def test_plan_follows_the_schedule() -> None:
     assert [s.topk_sizes for s in plan.steps] == [(13500,), (3000,)]
     trt = tggbc_pass.plan_key_pruning(synthetic_structure(6, 24000), TgGBCConfig(r=21000, n=2), tensorrt=True)
     assert [s.topk_sizes for s in trt.steps] == [(3840, 3840, 3840, 1980), (3000,)]
-    last = tggbc_pass.plan_key_pruning(synthetic_structure(3), TgGBCConfig(r=30, n=3))   # [10, 10, 10]
-    assert [s.layer for s in last.steps] == [0, 1] and last.keys_per_layer == (100, 90, 80)
+    with pytest.raises(ParameterError, match=r"n must be in \[1, 2\] for this model"):   # the last layer feeds none
+        tggbc_pass.plan_key_pruning(synthetic_structure(3), TgGBCConfig(r=30, n=3))
     assert not tggbc_pass.plan_key_pruning(synthetic_structure(3), TgGBCConfig(r=0, n=2)).steps
 
 

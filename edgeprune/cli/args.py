@@ -63,9 +63,9 @@ def timing_repeats(args: argparse.Namespace, default: int) -> int:
 # the passes read them back in ``from_args`` (``args.r``, ``args.n``, ``args.k``).
 
 def add_key_count_arguments(target: ArgumentTarget, *, r: int | None = None, n: int | None = None,
-                            k: int | None = None) -> None:
+                            k: int | None = None, k_default: str = "default 0") -> None:
     """Add ``--r``/``--n``/``--k`` with the given defaults (None: "not given", for a pass to
-    require or default itself)."""
+    require or default itself; ``k_default`` then says in the help what that means)."""
     def default(value: int | None, otherwise: str) -> str:
         return f"default {value}" if value is not None else otherwise
 
@@ -74,7 +74,7 @@ def add_key_count_arguments(target: ArgumentTarget, *, r: int | None = None, n: 
     target.add_argument("--n", "--pruning-layers", dest="n", type=int, default=n, metavar="N",
                         help=f"number of decoder layers that prune, from the first ({default(n, 'default 1')})")
     target.add_argument("--k", "--top-queries", dest="k", type=int, default=k, metavar="K",
-                        help=f"tgGBC: top queries whose attention scores the keys, 0 = all ({default(k, 'default 0')})")
+                        help=f"tgGBC: top queries whose attention scores the keys, 0 = all ({default(k, k_default)})")
 
 
 # ---------------------------------------------------------------- input-data options

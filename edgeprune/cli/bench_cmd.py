@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 from edgeprune.cli.args import add_input_arguments, add_timing_arguments, timing_repeats
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_timing_arguments(run, warmup=5, repeats=DEFAULT_REPEATS, budget_lifts_repeats=True,
                          threads_default="device / ORT default")
     run.add_argument("--sequential", action="store_true", help="time models one after another, not interleaved")
+    run.add_argument("--compare-anyway", action="store_true",
+                     help="print speedups also between models whose inputs differ (by default: no ratio)")
     run.add_argument("--affinity", default=None, metavar="CPUS", help="pin to CPUs, e.g. 4-7 or 0,2 (Linux)")
     run.add_argument("--providers", default=None, metavar="LIST",
                      help="execution providers in priority order, e.g. tensorrt,cuda,cpu (default: device's, else cpu)")
@@ -49,8 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--profile", action="store_true", help="per-op profile by op type and decoder layer")
     out.add_argument("--profile-top", type=int, default=15, metavar="N", help="op types shown in the profile")
-    out.add_argument("--json", default=None, metavar="F", help="write everything (raw samples, environment) as JSON")
-    out.add_argument("--csv", default=None, metavar="F", help="write every run as a CSV row with the environment")
+    out.add_argument("--json", default=None, metavar="F",
+                     help="write everything (raw samples, environment) as JSON; - for stdout (the table then goes to stderr)")
+    out.add_argument("--csv", default=None, metavar="F",
+                     help="write every run as a CSV row with the environment; - for stdout")
     out.add_argument("--plot", default=None, metavar="F", help="write a PNG of the latency distributions")
 
 
@@ -110,24 +115,32 @@ def parse_providers(text: str | None, options: list[str]) -> tuple[tuple[str, di
 def _options(args: argparse.Namespace) -> Any:
     from edgeprune.runners.bench import BenchOptions
 
+    if args.profile_top < 1:
+        raise ParameterError(f"--profile-top must be >= 1 (got {args.profile_top}): it is how many op types "
+                             "the profile shows")
     return BenchOptions(
         warmup=args.warmup, repeats=timing_repeats(args, DEFAULT_REPEATS), time_budget_s=args.time_budget,
         threads=args.threads,
         providers=parse_providers(args.providers, args.provider_option), affinity=parse_affinity(args.affinity),
         seed=args.seed, free_dims=parse_free_dims(args.free_dim), npz=args.inputs,
-        interleave=not args.sequential, profile=args.profile,
+        interleave=not args.sequential, profile=args.profile, compare_anyway=args.compare_anyway,
     ).validate()
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
+def _check_files(args: argparse.Namespace) -> Any:
+    """The output policy (edgeprune.io): models, --inputs and a profile path are inputs;
+    --json/--csv may be '-' (stdout)."""
     from edgeprune._lazy import require
-    from edgeprune.io import check_writable
+    from edgeprune.devices.profile import looks_like_path
+    from edgeprune.io import check_command_files
 
-    for path in (args.json, args.csv, args.plot):
-        if path:
-            check_writable(path)
+    device = args.device if looks_like_path(args.device) else None
+    files = check_command_files({"MODEL.onnx": list(args.models), "--inputs": args.inputs, "--device": device},
+                                {"--json": args.json, "--csv": args.csv, "--plot": args.plot},
+                                stdout=("--json", "--csv"))
     if args.plot:
         require("matplotlib")
+    return files
 
 
 def _write_outputs(report: Any, args: argparse.Namespace) -> None:
@@ -136,16 +149,17 @@ def _write_outputs(report: Any, args: argparse.Namespace) -> None:
     for path, write in ((args.json, out.write_json), (args.csv, out.write_csv), (args.plot, out.write_plot)):
         if path:
             write(report, path)
-            log.info("wrote %s", path)
+            if path != "-":
+                log.info("wrote %s", path)
 
 
-def _print_profiles(report: Any, top: int) -> None:
+def _print_profiles(report: Any, top: int, stream: Any) -> None:
     from edgeprune.runners.profile import format_profile
 
     for m in report.models:
         if m.profile_summary is not None:
-            print()
-            print(format_profile(m.profile_summary, top=top))
+            print(file=stream)
+            print(format_profile(m.profile_summary, top=top), file=stream)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,13 +167,15 @@ def run(args: argparse.Namespace) -> int:
     from edgeprune.runners.report import format_table
 
     options = _options(args)
-    _check_outputs(args)
+    files = _check_files(args)
+    # A report sent to stdout ('-') keeps stdout machine-readable: the table goes to stderr.
+    table_stream = sys.stderr if files.to_stdout("--json") or files.to_stdout("--csv") else sys.stdout
     with progress_bar() as progress:       # the total comes with each progress call
         report = benchmark(args.models, options, precision=args.precision, device=args.device, progress=progress)
-    print(format_table(report))
+    print(format_table(report), file=table_stream)
     for warning in report.warnings:
         log.warning("warning: %s", warning)
     if args.profile:
-        _print_profiles(report, args.profile_top)
+        _print_profiles(report, args.profile_top, table_stream)
     _write_outputs(report, args)
     return 0

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("edgeprune-demo"), help="output directory")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's 6)")
-    add_key_count_arguments(parser.add_argument_group("tgGBC"), r=2000, n=1, k=900)
+    add_key_count_arguments(parser.add_argument_group("tgGBC"), r=2000, n=1, k=None,
+                            k_default="default: the preset's queries, at most 900")
     parser.add_argument("--keep-queries", type=int, default=300, help="GPQ: queries kept (0 skips GPQ)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 variants")
     add_timing_arguments(parser.add_argument_group("measurement"), warmup=3, repeats=30, time_budget=False)

@@ -28,12 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _list() -> int:
-    from edgeprune.devices import list_profiles, user_profile_dir
+    """Every valid profile; each invalid file as one line on stderr, and exit 1 when there is one."""
+    import sys
 
-    for profile in list_profiles():
+    from edgeprune.devices import user_profile_dir
+    from edgeprune.devices.profile import scan_profiles
+
+    profiles, problems = scan_profiles()
+    for profile in profiles:
         print(profile.summary())
     print(f"(user profiles: {user_profile_dir()})")
-    return 0
+    for problem in problems:
+        print(f"edgeprune devices: skipped: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _show(name: str) -> int:

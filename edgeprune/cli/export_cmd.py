@@ -79,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
         raise ParameterError(f"{missing} required, e.g. edgeprune export --model streampetr-r50-704x256 "
                              "-o decoder.onnx (presets: edgeprune export --list-models)")
     from edgeprune.export.exporter import resolve_options
-    from edgeprune.io import check_writable
+    from edgeprune.io import check_command_files
     from edgeprune.models.presets import get_preset
 
     # Everything cheap to check is checked before the model is built and traced.
     resolve_options(args.exporter, args.opset, args.batch, args.tolerance)
     preset = get_preset(args.model)
-    check_writable(args.output)
+    check_command_files({"--checkpoint": args.checkpoint}, {"-o": args.output})
     if args.layers is not None and args.layers < 1:
         raise ParameterError(f"--layers must be >= 1 (got {args.layers}); the preset has {preset.decoder.num_layers}")
     return _export(args, preset)

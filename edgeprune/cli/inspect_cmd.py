@@ -75,8 +75,10 @@ def _estimate_lines(desc: Any) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgeprune.io import check_command_files
     from edgeprune.report.describe import describe_model
 
+    check_command_files({"MODEL.onnx": args.model}, {})
     desc = describe_model(args.model, overrides=args.override, r=args.r, n=args.n, k=args.k)
     if args.json:
         print(json.dumps(desc.to_dict(), indent=2))

@@ -40,13 +40,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     registry.add_pass_arguments(parser)
 
 
+def _refuse_unused_key_counts(args: argparse.Namespace) -> None:
+    """--r/--n/--k belong to the key-reduction methods; elsewhere they used to be ignored silently."""
+    from edgeprune.errors import ParameterError
+    from edgeprune.passes import registry
+    from edgeprune.passes.keys.feed import KeyReductionPass
+
+    given = [f"--{flag} {value}" for flag, value in (("r", args.r), ("n", args.n), ("k", args.k)) if value is not None]
+    if given and not issubclass(registry.get_method(args.method), KeyReductionPass):
+        users = [m for m in registry.method_names() if issubclass(registry.get_method(m), KeyReductionPass)]
+        raise ParameterError(f"{' '.join(given)} has no effect with --method {args.method}; key counts are for "
+                             f"--method {' / '.join(users)}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from edgeprune.io import check_writable
+    from edgeprune.io import check_command_files
     from edgeprune.passes import registry
     from edgeprune.passes.driver import rewrite
     from edgeprune.passes.verify import load_inputs
 
-    check_writable(args.output)
+    check_command_files({"IN.onnx": args.model, "--inputs": args.inputs, "--calib": getattr(args, "calib", None),
+                         "--keep-indices": getattr(args, "keep_indices", None)}, {"-o": args.output})
+    _refuse_unused_key_counts(args)
     passes = registry.build_passes(args)
     precision_cls = registry.get_precision(args.precision)
     precision = precision_cls.from_args(args) if precision_cls is not None else "fp32"

@@ -34,7 +34,8 @@ from typing import Any
 
 from edgeprune._lazy import require
 from edgeprune.devices.profile import DeviceProfile
-from edgeprune.errors import DeviceError
+from edgeprune.errors import DeviceError, UserError
+from edgeprune.io import check_input_file
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,22 @@ def _ssh_config_entry(profile: DeviceProfile) -> dict[str, Any]:
     return entry
 
 
+def _check_private_key(profile: DeviceProfile, key: Path) -> None:
+    """Read ``key_file`` before connecting: a garbage file used to be blamed on the server, after its
+    host key had already been added to known_hosts. An encrypted key passes (the login says so)."""
+    paramiko = require("paramiko")
+    try:
+        check_input_file(key, "key_file", max_bytes=1 << 20)
+        paramiko.PKey.from_path(str(key))
+    except paramiko.PasswordRequiredException:
+        return
+    except (paramiko.SSHException, ValueError, OSError, UnicodeDecodeError, UserError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeviceError(f"device {profile.name}: key_file {key} is not a private key ({reason}); fix 'key_file' "
+                          f"in {profile.source} (the private half, not .pub) or create one with: "
+                          f"ssh-keygen -t ed25519 -f {key}") from exc
+
+
 def resolve_target(profile: DeviceProfile) -> SshTarget:
     """Merge the profile with its SSH config entry; profile values win, as on ssh's command line."""
     if profile.host is None:
@@ -88,6 +105,7 @@ def resolve_target(profile: DeviceProfile) -> SshTarget:
         if not key.is_file():
             raise DeviceError(f"device {profile.name}: key_file {key} does not exist; fix 'key_file' in "
                               f"{profile.source} or create a key with: ssh-keygen -t ed25519 -f {key}")
+        _check_private_key(profile, key)
         keys: tuple[str, ...] = (str(key),)
     else:
         keys = tuple(str(Path(k).expanduser()) for k in entry.get("identityfile", [])

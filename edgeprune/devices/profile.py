@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgeprune.errors import DeviceError
+from edgeprune.errors import DeviceError, InputFileError
+from edgeprune.io import check_input_file
 
 TRANSPORTS = ("local", "ssh")
 HOST_KEY_CHECKS = ("yes", "accept-new", "no")   # as OpenSSH's StrictHostKeyChecking
 PACKAGED_DIR = Path(__file__).resolve().parent / "profiles"
+MAX_PROFILE_BYTES = 1 << 20     # a profile is a few hundred bytes; anything near this is the wrong file
 
 Providers = tuple[tuple[str, Mapping[str, str]], ...]
 
@@ -169,6 +171,9 @@ def profile_from_dict(raw: Any, source: str, default_name: str) -> DeviceProfile
     unknown = sorted(set(raw) - _FIELDS)
     if unknown:
         raise _fail(source, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
+    if "transport" not in raw:       # a board profile without it would time this machine, labelled as the board
+        raise _fail(source, "has no 'transport'; add \"transport\": \"ssh\" (with \"host\") for a board, "
+                            "or \"transport\": \"local\" for this machine")
     transport = _choice(raw, "transport", TRANSPORTS, "local", source)
     host = _opt_str(raw, "host", source)
     if transport == "ssh" and host is None:
@@ -195,11 +200,12 @@ def read_profile(path: str | os.PathLike) -> DeviceProfile:
     """Read and validate one profile file."""
     path = Path(path).expanduser()
     try:
+        check_input_file(path, "device profile", max_bytes=MAX_PROFILE_BYTES)
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise DeviceError(f"device profile file {path} does not exist; give an existing .json file "
                           f"or a profile name (see `edgeprune devices`)") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, InputFileError) as exc:
         raise DeviceError(f"cannot read device profile {path}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise DeviceError(f"device profile {path} is not valid JSON: {exc}") from exc
@@ -238,11 +244,25 @@ def _read_named(path: Path) -> DeviceProfile:
 
 
 def list_profiles() -> list[DeviceProfile]:
-    """Every known profile (user files override packaged ones of the same name), by name."""
+    """Every known profile (user files override packaged ones of the same name), by name;
+    the first invalid one raises (see :func:`scan_profiles` to list around it)."""
     return [_read_named(path) for _, path in sorted(_profile_files().items())]
 
 
-def _looks_like_path(text: str) -> bool:
+def scan_profiles() -> tuple[list[DeviceProfile], list[DeviceError]]:
+    """(valid profiles, one error per invalid file): one broken user file must not hide the rest."""
+    good: list[DeviceProfile] = []
+    bad: list[DeviceError] = []
+    for _, path in sorted(_profile_files().items()):
+        try:
+            good.append(_read_named(path))
+        except DeviceError as exc:
+            bad.append(exc)
+    return good, bad
+
+
+def looks_like_path(text: str) -> bool:
+    """A ``--device`` value naming a profile file rather than a profile name."""
     return os.sep in text or "/" in text or text.endswith(".json")
 
 
@@ -251,7 +271,7 @@ def load_profile(name_or_path: str | os.PathLike | DeviceProfile) -> DeviceProfi
     if isinstance(name_or_path, DeviceProfile):
         return name_or_path
     text = os.fspath(name_or_path)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         return read_profile(text)
     files = _profile_files()
     if text not in files:

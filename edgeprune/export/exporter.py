@@ -39,7 +39,7 @@ from edgeprune.export.validate import (DEFAULT_TOLERANCE, ExportValidationError,
 from edgeprune.graph.files import needs_external_data, save_onnx
 from edgeprune.graph.run import run_all
 from edgeprune.graph.values import model_nbytes
-from edgeprune.io import atomic_path, check_writable
+from edgeprune.io import atomic_path, check_writable, write_target
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def export_onnx(model: Any, path: str | os.PathLike, *, exporter: str = "torchsc
     phases: list[tuple[str, float]] = []
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=write_target(target).parent))
     try:
         staged, dmap, note, reference = _build_staged(model, target.name, staging, opts, seed, simplify,
                                                       record_structure, validate, external_data, phases)
@@ -268,7 +268,7 @@ def _commit(staged: Path, target: Path) -> Path | None:
     data = staged.with_name(staged.name + ".data")
     final_data = None
     if data.exists():
-        final_data = target.with_name(target.name + ".data")
+        final_data = write_target(target).parent / data.name     # beside the file a symlink points to
         with atomic_path(final_data) as tmp:
             os.replace(data, tmp)
     with atomic_path(target) as tmp:

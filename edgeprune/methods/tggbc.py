@@ -40,8 +40,7 @@ class TgGBCConfig:
             raise ParameterError(f"r, n and k must be >= 0 (got r={self.r}, n={self.n}, k={self.k})")
         if self.enabled and self.r >= num_keys:
             raise ParameterError(f"r={self.r} must be smaller than the number of keys ({num_keys})")
-        if self.n > num_layers:
-            raise ParameterError(f"n={self.n} exceeds the number of decoder layers ({num_layers})")
+        check_pruning_layers(self.r, self.n, num_layers)
         if self.k > num_queries:
             raise ParameterError(f"k={self.k} exceeds the number of queries ({num_queries}); use k=0 for all")
         if self.class_reduce not in CLASS_REDUCTIONS:
@@ -63,6 +62,27 @@ class TgGBCConfig:
                             class_reduce=self.class_reduce)                   # [B, Nk - amount]
         return type(keys)(gather_keys(keys.memory, keep), gather_keys(keys.key_pos, keep),
                           gather_keys(keys.mask, keep), gather_keys(keys.size, keep), keep=keep)
+
+
+def check_pruning_layers(r: int, n: int, num_layers: int) -> None:
+    """Refuse a schedule that would silently prune less than asked.
+
+    Keys pruned after layer ``l`` feed layers ``l+1 ...``: the last layer has no later layer,
+    so ``n`` must stay below the number of layers (a 1-layer decoder cannot prune at all).
+    Pruning after the last layer used to be dropped without a word, and FLOPs went up.
+    """
+    if n > num_layers:
+        raise ParameterError(f"n={n} exceeds the number of decoder layers ({num_layers}); "
+                             f"{_valid_n(num_layers)}")
+    if r > 0 and n > 0 and n == num_layers:
+        raise ParameterError(f"n={n} equals the number of decoder layers: the last layer has no later layer to "
+                             f"feed fewer keys; {_valid_n(num_layers)}")
+
+
+def _valid_n(num_layers: int) -> str:
+    if num_layers < 2:
+        return f"this model has {num_layers} decoder layer: nothing can be pruned (use r=0)"
+    return f"n must be in [1, {num_layers - 1}] for this model ({num_layers} layers)"
 
 
 def schedule(r: int, n: int, num_layers: int) -> list[int]:

@@ -80,6 +80,7 @@ class ToMeConfig:
             raise ParameterError(f"r={self.r} must be smaller than the number of keys ({num_keys})")
         from edgeprune.methods import tggbc
 
+        tggbc.check_pruning_layers(self.r, self.n, num_layers)
         per_layer = tggbc.schedule(self.r, self.n, num_layers)
         keys = num_keys
         for layer, r_l in enumerate(per_layer):

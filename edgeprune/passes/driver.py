@@ -27,7 +27,7 @@ from edgeprune.errors import InternalError
 from edgeprune.graph.edit import WorkingModel
 from edgeprune.graph.files import load_model, save_onnx
 from edgeprune.graph.values import initializer_nbytes
-from edgeprune.io import atomic_path, check_writable
+from edgeprune.io import atomic_path, check_writable, write_target
 from edgeprune.passes.discovery.discover import discover
 from edgeprune.passes.discovery.guidance import require_parts
 from edgeprune.passes.discovery.overrides import Overrides, parse_overrides
@@ -64,7 +64,7 @@ class RewriteReport:
                f"{self.precision}) in {self.seconds:.2f} s",
                f"decoder ({s.source}): {s.num_layers} layers, {s.num_queries} queries, {s.num_keys} keys, "
                f"{s.num_heads} heads, batch {s.batch}",
-               f"nodes {self.nodes_before} -> {self.nodes_after}, size {self.bytes_before / 1e6:.1f} MB -> "
+               f"nodes {self.nodes_before} -> {self.nodes_after}, weights {self.bytes_before / 1e6:.1f} MB -> "
                f"{self.bytes_after / 1e6:.1f} MB"]
         if self.verification is not None:
             out.append(f"drift against the input model, inputs {self.verification.inputs}:")
@@ -96,6 +96,32 @@ def check_model(path: Path) -> None:
         session(path)
     except ort_errors() as exc:
         raise InternalError(f"ONNX Runtime cannot load the rewritten model: {str(exc).splitlines()[0]}") from exc
+
+
+def refuse_reducing_twice(model: Any, chain: Sequence[Any], in_path: str | os.PathLike) -> None:
+    """Refuse key reduction on a model whose keys a key-reduction pass already reduced.
+
+    Discovery would read the inserted scoring/TopK/Gather subgraph as part of the decoder and
+    the second rewrite ends in "Cycle detected" or out-of-range Gathers (a 600-line traceback).
+    Known from the ``edgeprune.rewrite`` record or, when a tool dropped it, the node prefixes
+    (``tggbc/``, ``tome/``).
+    """
+    from edgeprune.errors import ParameterError
+    from edgeprune.passes import registry
+    from edgeprune.passes.keys.feed import KeyReductionPass
+
+    if not any(isinstance(p, KeyReductionPass) and p.config.enabled for p in chain):
+        return
+    reducing = [m for m in registry.method_names() if issubclass(registry.get_method(m), KeyReductionPass)]
+    record = next((p.value for p in model.metadata_props if p.key == REWRITE_KEY), None)
+    try:
+        done = {name for entry in json.loads(record) for name in entry.get("passes", [])} if record else set()
+    except (ValueError, TypeError, AttributeError):
+        done = set()
+    done = {m for m in reducing if m in done or any(n.name.startswith(f"{m}/") for n in model.graph.node)}
+    if done:
+        raise ParameterError(f"{in_path} is already key-reduced ({', '.join(sorted(done))}); reducing it again is "
+                             "not supported: rewrite the original model with the total --r/--n you want")
 
 
 # ------------------------------------------------------------------ passes
@@ -134,6 +160,7 @@ def rewrite(in_path: str | os.PathLike, out_path: str | os.PathLike, passes: Seq
     precision_name, precision_pass = _precision_pass(precision)
     chain = list(passes) + ([precision_pass] if precision_pass is not None else [])
     model = load_model(in_path)
+    refuse_reducing_twice(model, chain, in_path)
     nodes_before, bytes_before = len(model.graph.node), initializer_nbytes(model)
     for p in chain:
         model = p.prepare(model) if hasattr(p, "prepare") else model
@@ -160,6 +187,6 @@ def _save_checked(model: Any, target: Path, in_path: str | os.PathLike, verify: 
             report = compare_models(in_path, tmp, seed=seed, inputs=inputs) if verify else None
     except BaseException:
         if external is not None:
-            (target.parent / external).unlink(missing_ok=True)
+            (write_target(target).parent / external).unlink(missing_ok=True)
         raise
     return external, report

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from edgeprune.errors import InvalidModelError, ModelNotFoundError
+from edgeprune.errors import InvalidModelError, ParameterError
 from edgeprune.graph.run import cpu_session
+from edgeprune.io import read_npz
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,23 @@ def _fits(shape: tuple[int, ...], declared: Any) -> bool:
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Arrays of an ``.npz`` file by name."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelNotFoundError(f"inputs file {p} does not exist; give an .npz with one array per model input")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise InvalidModelError(f"cannot read inputs {p} ({exc}); expected an .npz written by numpy.savez") from exc
+    """Arrays of an ``.npz`` file by name (finite; see :func:`edgeprune.io.read_npz`)."""
+    return read_npz(path, "inputs file", "give an .npz with one array per model input")
+
+
+def check_given_inputs(sess: Any, given: Mapping[str, np.ndarray]) -> None:
+    """Given arrays must name exactly the model's inputs, each with a fitting shape.
+
+    Anything else used to be replaced by random data while the report said "given".
+    """
+    declared = {meta.name: meta.shape for meta in sess.get_inputs()}
+    problems = [f"{n} missing (model: {list(declared[n])})" for n in declared if n not in given]
+    problems += [f"{n} {list(np.shape(given[n]))} (model: {list(declared[n])})" for n in declared
+                 if n in given and not _fits(np.shape(given[n]), declared[n])]
+    problems += [f"{n} is not a model input" for n in given if n not in declared]
+    if problems:
+        raise ParameterError(f"--inputs does not match the model's inputs: {'; '.join(problems)}; "
+                             "save one array per input name with the model's shape")
 
 
 def output_drift(name: str, ref: np.ndarray, got: np.ndarray | None) -> OutputDrift:
@@ -133,6 +141,8 @@ def compare_models(before: str | os.PathLike, after: str | os.PathLike, *, seed:
                    inputs: Mapping[str, np.ndarray] | None = None, label: str | None = None) -> VerifyReport:
     """Run both models (paths) on the same inputs; drift of each output of ``before``."""
     s_before, s_after = session(before), session(after)
+    if inputs is not None:
+        check_given_inputs(s_before, inputs)
     feeds = random_inputs(s_before, seed, inputs)
     feeds_after = random_inputs(s_after, seed, feeds)
     names = [o.name for o in s_before.get_outputs()]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from edgeprune._lazy import available
 from edgeprune.errors import ParameterError
+from edgeprune.io import read_npz
 from edgeprune.runners.factory import Runner, get_runner
 from edgeprune.runners.precision import plan_models
 from edgeprune.runners.profile import graph_node_layers
@@ -63,6 +64,7 @@ class BenchOptions:
     interleave: bool = True
     profile: bool = False
     return_outputs: bool = False
+    compare_anyway: bool = False        # speedup ratios also between models whose inputs differ
 
     def validate(self) -> "BenchOptions":
         checks = [("--warmup", self.warmup, 0), ("--repeats", self.repeats, 1), ("--seed", self.seed, 0)]
@@ -76,8 +78,8 @@ class BenchOptions:
         for name, value in self.free_dims.items():
             if value < 1:
                 raise ParameterError(f"--free-dim {name}={value}: a dimension must be >= 1")
-        if self.npz is not None and not Path(self.npz).is_file():
-            raise ParameterError(f"--inputs {self.npz} does not exist; give an .npz with one array per model input")
+        if self.npz is not None:        # corrupt, NaN or missing: one line here, not on the board
+            read_npz(self.npz, "--inputs file", "give an .npz with one array per model input")
         return self
 
 
@@ -122,7 +124,8 @@ def run_bench(specs: Sequence[ModelSpec], options: BenchOptions, runner: Runner,
     log.debug("request: %s (%d timed runs at most)", request, total)
     result = runner.run(request)
     node_layers = _profile_layers(specs) if options.profile else {}
-    return build_report(result, specs, device=device, request=request, node_layers=node_layers)
+    return build_report(result, specs, device=device, request=request, node_layers=node_layers,
+                        compare_anyway=options.compare_anyway)
 
 
 def _profile_layers(specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:

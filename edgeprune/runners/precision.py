@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from edgeprune._lazy import available, require
+from edgeprune._lazy import available
 from edgeprune.errors import ModelNotFoundError, ParameterError
 from edgeprune.runners.results import ModelSpec
 
@@ -29,8 +29,9 @@ def model_precision(path: str | Path) -> str:
     The same rule as ``edgeprune.passes.precision.fp16.is_fp16`` (which refuses to convert such a model
     again), read without loading external weight data.
     """
-    onnx = require("onnx")
-    graph = onnx.load(str(path), load_external_data=False).graph
+    from edgeprune.graph.files import load_model    # one-line errors, protobuf whatever the suffix
+
+    graph = load_model(path, load_external_data=False).graph
     if any(init.data_type == _FLOAT16 for init in graph.initializer):
         return "fp16"
     io = list(graph.input) + list(graph.output)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from edgeprune._lazy import require
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +103,9 @@ def graph_node_layers(path: str | Path) -> dict[str, int]:
     fuses from MatMul + Add to ``Gemm_<n>``). Graph nodes are in topological order (ONNX rule),
     so producers are labelled before their consumers.
     """
-    onnx = require("onnx")
-    model = onnx.load(str(path), load_external_data=False)
+    from edgeprune.graph.files import load_model    # one-line errors, protobuf whatever the suffix
+
+    model = load_model(path, load_external_data=False)
     nodes = list(model.graph.node)
     anchors = _decoder_map_layers(model)
     scopes = {node.name: _node_scope(node) for node in nodes}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgeprune._lazy import require
-from edgeprune.io import atomic_path
+from edgeprune.io import STDOUT, atomic_path
 from edgeprune.runners.results import BenchReport
 
 CSV_COLUMNS = ("device", "hostname", "machine", "ort_version", "providers", "threads", "model", "precision",
@@ -51,10 +52,20 @@ def _table_rows(report: BenchReport) -> list[list[str]]:
         rows.append([
             m.name, m.spec.precision or "-", str(s.n), _ms(s.median), f"[{_ms(s.ci_low)}, {_ms(s.ci_high)}]",
             _ms(s.min), _ms(s.mean), _ms(s.p90), _ms(s.p99), _ms(s.std),
-            f"{sp.ratio:.2f}x" if sp else "1.00x" if len(report.models) > 1 else "-",
-            f"[{sp.ci_low:.2f}, {sp.ci_high:.2f}]" if sp else ("baseline" if len(report.models) > 1 else "-"),
+            *_speedup_cells(sp, m is report.models[0], len(report.models)),
         ])
     return rows
+
+
+def _speedup_cells(sp: Any, is_base: bool, count: int) -> list[str]:
+    """(ratio, CI) cells: the baseline, a measured ratio, or "-" where inputs differ (see the warning)."""
+    if count < 2:
+        return ["-", "-"]
+    if is_base:
+        return ["1.00x", "baseline"]
+    if sp is None:
+        return ["-", "inputs differ"]
+    return [f"{sp.ratio:.2f}x", f"[{sp.ci_low:.2f}, {sp.ci_high:.2f}]"]
 
 
 def format_table(report: BenchReport) -> str:
@@ -73,9 +84,15 @@ def format_table(report: BenchReport) -> str:
 
 
 def write_json(report: BenchReport, path: str | Path) -> Path:
+    """``report`` as JSON to ``path`` (atomically) or to stdout for ``-``."""
+    text = json.dumps(report.to_dict(), indent=1)
+    if str(path) == STDOUT:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return Path(STDOUT)
     target = Path(path)
     with atomic_path(target, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=1))
+        tmp.write_text(text)
     return target
 
 
@@ -96,6 +113,13 @@ def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
 
 
 def write_csv(report: BenchReport, path: str | Path) -> Path:
+    """One row per run to ``path`` (atomically) or to stdout for ``-``."""
+    if str(path) == STDOUT:
+        writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(report))
+        sys.stdout.flush()
+        return Path(STDOUT)
     target = Path(path)
     with atomic_path(target, suffix=".csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)

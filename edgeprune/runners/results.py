@@ -123,8 +123,23 @@ def _model_result(spec: ModelSpec, raw: dict[str, Any], node_layers: Mapping[str
     )
 
 
+def inputs_differ(base: ModelResult, other: ModelResult) -> str | None:
+    """Why ``other``'s latency ratio to ``base`` means nothing, or None when they take the same inputs.
+
+    Same input names are required (a pruned, shrunk or fp16 variant keeps them; GPQ may change
+    a shape on the query axis); models with other inputs are other models, and a "731x speedup"
+    between them says nothing.
+    """
+    if set(base.inputs) == set(other.inputs):
+        return None
+    return (f"no speedup for {other.name} against {base.name}: their inputs differ ({other.name}: "
+            f"{', '.join(sorted(other.inputs))}; {base.name}: {', '.join(sorted(base.inputs))}), so they are "
+            "not variants of one model; --compare-anyway prints the ratio")
+
+
 def build_report(result: dict[str, Any], specs: Sequence[ModelSpec], *, device: str,
-                 request: dict[str, Any], node_layers: Mapping[str, Mapping[str, int]] | None = None) -> BenchReport:
+                 request: dict[str, Any], node_layers: Mapping[str, Mapping[str, int]] | None = None,
+                 compare_anyway: bool = False) -> BenchReport:
     """Check the agent's answer and compute statistics, drift and speedups vs ``specs[0]``.
 
     ``node_layers`` maps a model name to its node -> decoder layer map for the profile
@@ -140,10 +155,11 @@ def build_report(result: dict[str, Any], specs: Sequence[ModelSpec], *, device: 
         raise UserError(f"a model on {device} produced no timed samples; use --repeats >= 1")
     interleaved = bool(request.get("interleave", True))
     base = models[0]
+    refused = {m.name: why for m in models[1:] if (why := inputs_differ(base, m)) and not compare_anyway}
     speedups = tuple(
         speedup(base.samples_ms, m.samples_ms, name=m.name, baseline_name=base.name,
                 paired=interleaved and len(m.samples_ms) == len(base.samples_ms))
-        for m in models[1:])
-    warnings = tuple(m.drift.message(m.name) for m in models if m.drift.drifting)
+        for m in models[1:] if m.name not in refused)
+    warnings = tuple(refused.values()) + tuple(m.drift.message(m.name) for m in models if m.drift.drifting)
     return BenchReport(device=device, env=dict(result.get("env") or {}), request=request, models=models,
                        speedups=speedups, interleaved=interleaved, warnings=warnings)

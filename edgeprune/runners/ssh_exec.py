@@ -46,7 +46,7 @@ def agent_command(session_dir: str, python: str, agent: str, request: str, resul
     """
     return (f"cd {shlex.quote(session_dir)} || exit {EXIT_NO_DIR}\n"
             f"{python} {shlex.quote(agent)} {shlex.quote(request)} {shlex.quote(result)} </dev/null &\n"
-            f"pid=$!\necho \"{PID_PREFIX}$pid\"\nwait $pid\n")
+            f"pid=$!\necho \"{PID_PREFIX}$pid $$\"\nwait $pid\n")
 
 
 class _Lines:
@@ -83,6 +83,7 @@ class RemoteCommand:
         self._stdout: list[str] = []
         self._tail: list[str] = []
         self.pid: int | None = None          # the agent's pid, when the command reports one
+        self.shell_pid: int | None = None    # the shell waiting for it (stopped with it)
 
     def run(self) -> CommandResult:
         """Run the command; DeviceError on timeout or a dropped connection; Ctrl-C kills it."""
@@ -95,7 +96,7 @@ class RemoteCommand:
             status = channel.exit_status
         except KeyboardInterrupt:
             if self.pid is not None and link.alive():
-                kill_remote(link, self.pid)
+                kill_remote(link, self.pid, self.shell_pid)
             raise
         finally:
             channel.close()
@@ -107,8 +108,9 @@ class RemoteCommand:
         return CommandResult(status, "\n".join(self._stdout), tuple(self._tail))
 
     def _stdout_line(self, line: str) -> None:
-        if line.startswith(PID_PREFIX) and line[len(PID_PREFIX):].isdigit():
-            self.pid = int(line[len(PID_PREFIX):])
+        pids = line[len(PID_PREFIX):].split() if line.startswith(PID_PREFIX) else []
+        if pids and all(p.isdigit() for p in pids):
+            self.pid, self.shell_pid = int(pids[0]), int(pids[1]) if len(pids) > 1 else None
         else:
             self._stdout.append(line)
 
@@ -142,18 +144,20 @@ class RemoteCommand:
     def _on_timeout(self) -> None:
         profile = self.link.profile
         if self.pid is not None and self.link.alive():
-            kill_remote(self.link, self.pid)
+            kill_remote(self.link, self.pid, self.shell_pid)
         raise DeviceError(f"device {profile.name} did not finish within {self.timeout:g} s "
                           f"(command_timeout_s {profile.command_timeout_s:g} + time budget); the agent "
                           f"was stopped; raise command_timeout_s in {profile.source} or use --time-budget")
 
 
-def kill_remote(link: SshLink, pid: int) -> None:
-    """Best effort: TERM the agent; a failure here must not hide the original problem."""
+def kill_remote(link: SshLink, pid: int, shell_pid: int | None = None) -> None:
+    """Best effort: TERM the agent and the shell waiting for it (left alone, that shell outlives
+    the connection); a failure here must not hide the original problem."""
     name, timeout = link.profile.name, link.profile.connect_timeout_s
     try:
         channel = link.client.get_transport().open_session(timeout=timeout)
-        channel.exec_command(f"kill -TERM {int(pid)} 2>/dev/null")
+        shell = f" {int(shell_pid)}" if shell_pid is not None else ""
+        channel.exec_command(f"kill -TERM {int(pid)}{shell} 2>/dev/null")
         channel.status_event.wait(timeout)
         channel.close()
     except (OSError, EOFError) as exc:

@@ -62,16 +62,11 @@ def load_keep_indices(path: str | os.PathLike) -> list[int]:
 
 
 def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Arrays of an ``.npz`` by input name."""
-    source = Path(path)
-    if not source.is_file():
-        raise ModelNotFoundError(f"calibration file {source} does not exist; give an .npz with one array per "
-                                 "model input ([B, ...] or [S, B, ...])")
-    try:
-        with np.load(source, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ParameterError(f"cannot read calibration inputs {source} ({exc}); expected numpy.savez output") from exc
+    """Arrays of an ``.npz`` by input name (finite; see :func:`edgeprune.io.read_npz`)."""
+    from edgeprune.io import read_npz
+
+    return read_npz(path, "calibration file", "give an .npz with one array per model input "
+                    "([B, ...] or [S, B, ...])")
 
 
 # ----------------------------------------------------------------------------- one-shot ranking in ORT
