@@ -156,7 +156,7 @@ def test_tggbc_subgraph_stays_fp32_and_keeps_the_same_keys(tmp_path: Path, caplo
 
 def test_tome_merge_stays_fp32_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tiny_export("torchscript")
-    args = ["rewrite", str(src), "--method", "tome", "--r", "40", "--n", "2", "--no-verify"]
+    args = ["rewrite", str(src), "--method", "tome", "--r", "40", "--n", "1", "--no-verify"]
     assert main([*args, "-o", str(tmp_path / "m32.onnx")]) == 0
     assert main([*args, "-o", str(tmp_path / "m16.onnx"), "--precision", "fp16"]) == 0
     capsys.readouterr()
