@@ -143,3 +143,22 @@ def test_inspect_streampetr_24000_keys_matches_the_paper(streampetr_24000: Path,
     assert main(["inspect", str(streampetr_24000), "--r", "21000", "--n", "2"]) == 0
     table = capsys.readouterr().out
     assert "keys per layer [24000, 13500, 3000, 3000, 3000, 3000]" in table
+
+
+@pytest.mark.parametrize("n,k", [(1, 0), (2, 10)])
+def test_inspect_of_a_pruned_model_counts_the_keys_each_layer_reads(n: int, k: int, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """inspect on a tgGBC output equals inspect --r/--n/--k on its input: per layer and in total."""
+    src = hd.exported("hand", "torchscript", True)
+    pruned = tmp_path / "pruned.onnx"
+    assert main(["rewrite", str(src), "-o", str(pruned), "--method", "tggbc", "--r", "30", "--n", str(n),
+                 "--k", str(k), "--no-verify"]) == 0
+    capsys.readouterr()
+    estimate = inspect_json(capsys, str(src), "--r", "30", "--n", str(n), "--k", str(k))["pruning"]
+    after = inspect_json(capsys, str(pruned))
+    assert [layer["num_keys"] for layer in after["layers"]] == estimate["keys_per_layer"]
+    assert after["flops"]["total"] == pytest.approx(estimate["flops"]["total"], rel=0.01)
+    assert after["flops"]["cross_attention"] == pytest.approx(estimate["flops"]["cross_attention"], rel=0.01)
+    assert [layer["flops"]["total"] for layer in after["layers"]] == pytest.approx(estimate["flops_per_layer"], rel=0.01)
+    unpruned = inspect_json(capsys, str(src))["flops"]["total"]
+    assert after["flops"]["total"] < 0.95 * unpruned

@@ -8,6 +8,7 @@ layer's, whose queries are all constants) costs nothing at run time and is not c
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -138,11 +139,28 @@ def ffn_width(index: GraphIndex, embed_dims: int) -> int | None:
     return widths.most_common(1)[0][0] if widths else None
 
 
-def decoder_sizes(index: GraphIndex, structure: DecoderStructure) -> DecoderSizes:
+def decoder_sizes(index: GraphIndex, structure: DecoderStructure, model: Any = None) -> DecoderSizes:
+    """Sizes of the decoder as the graph computes it: the keys each layer really reads and, for
+    a tgGBC-pruned model (its rewrite record), the layers that score keys and their k."""
     s = structure
+    record = _tggbc_record(model) if model is not None else {}
     return DecoderSizes(num_layers=s.num_layers, num_queries=s.num_queries, num_keys=s.num_keys,
                         embed_dims=s.embed_dims, num_heads=s.num_heads, batch=max(s.batch, 1),
-                        self_keys=tuple(self_attention_keys(index, s)), ffn_dims=ffn_width(index, s.embed_dims))
+                        self_keys=tuple(self_attention_keys(index, s)), ffn_dims=ffn_width(index, s.embed_dims),
+                        layer_keys=tuple(layer.num_keys for layer in s.layers),
+                        scoring_layers=tuple(record.get("pruning_layers", ())), scoring_k=int(record.get("k", 0)))
+
+
+def _tggbc_record(model: Any) -> dict[str, Any]:
+    """The plan a tgGBC rewrite recorded in the model's metadata ({} when there is none)."""
+    from edgeprune.passes.keys.tggbc import METADATA_KEY
+
+    raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        log.warning("ignoring an unreadable %s record", METADATA_KEY)
+        return {}
 
 
 def describe_model(path: str | os.PathLike, *, overrides: Sequence[str] | None = None,
@@ -154,6 +172,6 @@ def describe_model(path: str | os.PathLike, *, overrides: Sequence[str] | None =
     name_nodes(model)
     index = GraphIndex.build(model)
     structure = discover(model, overrides, index=index)
-    sizes = decoder_sizes(index, structure)
+    sizes = decoder_sizes(index, structure, model)
     estimate = estimate_tggbc(sizes, r, n if n is not None else 1, k) if r is not None else None
     return ModelDescription(str(path), structure, sizes, decoder_flops(sizes), estimate)

@@ -24,6 +24,7 @@ Everything here is plain arithmetic on ints (no onnx, no torch): boards can impo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Sequence
 
 from edgeprune.methods.tggbc import TgGBCConfig      # torch-free: config, validation, schedule
@@ -128,21 +129,33 @@ class DecoderSizes:
     batch: int = 1
     self_keys: tuple[int | None, ...] = field(default_factory=tuple)
     ffn_dims: int | None = None
+    # What the graph itself already does (a tgGBC-pruned model): the keys each layer reads
+    # (empty: num_keys everywhere) and the layers whose keys it scores with its top-k queries.
+    layer_keys: tuple[int, ...] = field(default_factory=tuple)
+    scoring_layers: tuple[int, ...] = field(default_factory=tuple)
+    scoring_k: int = 0
+
+    def keys_read(self) -> list[int]:
+        """Keys each layer's cross-attention reads in the graph as it is."""
+        return list(self.layer_keys) if self.layer_keys else [self.num_keys] * self.num_layers
 
 
 def decoder_flops(sizes: DecoderSizes, drops: Sequence[int] | None = None, k: int = 0) -> DecoderFlops:
     """FLOPs of every layer, with ``drops[l]`` keys pruned after layer l (None: no pruning)."""
     drops = list(drops) if drops is not None else [0] * sizes.num_layers
-    keys = keys_per_layer(sizes.num_keys, drops)
+    dropped_before = [0] + list(accumulate(drops))[:-1]                        # keys dropped by earlier layers
+    keys = [nk - d for nk, d in zip(sizes.keys_read(), dropped_before)]
     e, h, nq = sizes.embed_dims, sizes.num_heads, sizes.num_queries
     layers = []
     for i, nk in enumerate(keys):
         sk = sizes.self_keys[i] if i < len(sizes.self_keys) else None
+        scoring = importance_flops(nq, nk, h, k) if drops[i] > 0 else 0
+        if i in sizes.scoring_layers:
+            scoring += importance_flops(nq, nk, h, sizes.scoring_k)
         layers.append(LayerFlops(
             index=i, num_keys=nk, cross=attention_flops(nq, nk, e, h),
             self_attn=attention_flops(nq, sk, e, h) if sk else None,
-            ffn=ffn_flops(nq, e, sizes.ffn_dims) if sizes.ffn_dims else None,
-            importance=importance_flops(nq, nk, h, k) if drops[i] > 0 else 0))
+            ffn=ffn_flops(nq, e, sizes.ffn_dims) if sizes.ffn_dims else None, importance=scoring))
     return DecoderFlops(tuple(layers), sizes.batch)
 
 
@@ -175,5 +188,5 @@ class PruningEstimate:
 
 def estimate_tggbc(sizes: DecoderSizes, r: int, n: int, k: int = 0) -> PruningEstimate:
     """Validate (r, n, k) against the decoder and count FLOPs before and after pruning."""
-    drops = TgGBCConfig(r=r, n=n, k=k).layer_schedule(sizes.num_keys, sizes.num_layers, sizes.num_queries)
+    drops = TgGBCConfig(r=r, n=n, k=k).layer_schedule(min(sizes.keys_read()), sizes.num_layers, sizes.num_queries)
     return PruningEstimate(r, n, k, tuple(drops), decoder_flops(sizes), decoder_flops(sizes, drops, k))
