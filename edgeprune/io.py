@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,3 +263,15 @@ def atomic_path(path: PathArg, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_report(path: PathArg, text: str, suffix: str = "") -> Path:
+    """A text report to ``path`` (atomically), or to stdout for ``-``; returns where it went."""
+    if str(path) == STDOUT:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+        return Path(STDOUT)
+    target = Path(path)
+    with atomic_path(target, suffix=suffix) as tmp:
+        tmp.write_text(text)
+    return target

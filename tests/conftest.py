@@ -235,3 +235,12 @@ def loopback_profile(loopback_sshd: LoopbackSshd, device_config: Path) -> Path:
     path = device_config / "devices" / "loopback.json"
     path.write_text(json.dumps(loopback_sshd.profile_dict(), indent=2))
     return path
+
+
+@pytest.fixture
+def no_user_profiles(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An empty user config dir: the packaged profiles (``local``), not the user's, set the defaults.
+
+    Modules that run device-aware commands use it with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))

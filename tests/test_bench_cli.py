@@ -13,10 +13,7 @@ from edgeprune.cli.bench_cmd import parse_affinity, parse_providers
 from edgeprune.errors import ParameterError
 
 
-@pytest.fixture(autouse=True)
-def no_user_profiles(monkeypatch, tmp_path):
-    """An empty user config dir: the packaged `local` profile, not the user's, sets the defaults."""
-    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
+pytestmark = pytest.mark.usefixtures("no_user_profiles")
 
 
 @pytest.fixture(scope="module")

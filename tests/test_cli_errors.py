@@ -16,9 +16,7 @@ from test_io_policy import one_line, run_cli, snapshot
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def no_user_profiles(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
+pytestmark = pytest.mark.usefixtures("no_user_profiles")
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ from _runner_models import matmul_chain
 from test_io_policy import one_line, run_cli, snapshot
 
 
-@pytest.fixture(autouse=True)
-def no_user_profiles(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
+pytestmark = pytest.mark.usefixtures("no_user_profiles")
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from edgeprune.errors import OutputPathError
 from edgeprune.io import atomic_path, check_command_files
 
 
-@pytest.fixture(autouse=True)
-def no_user_profiles(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
+pytestmark = pytest.mark.usefixtures("no_user_profiles")
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -18,9 +18,7 @@ from edgeprune.runners.local import LocalRunner
 from edgeprune.runners.results import ModelSpec, build_report, raise_for_error
 
 
-@pytest.fixture(autouse=True)
-def no_user_profiles(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDGEPRUNE_CONFIG_DIR", str(tmp_path / "config"))
+pytestmark = pytest.mark.usefixtures("no_user_profiles")
 
 
 @pytest.fixture(scope="module")

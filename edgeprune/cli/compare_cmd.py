@@ -58,11 +58,11 @@ def report_lines(report) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from edgeprune.cli.progress import progress_bar
     from edgeprune.evaluation.compare import Thresholds, compare_detectors
-    from edgeprune.io import atomic_path, check_writable
+    from edgeprune.io import check_command_files, write_report
     from edgeprune.passes.verify import load_inputs
 
-    if args.json:
-        check_writable(args.json)
+    check_command_files({"A.onnx": args.model_a, "B.onnx": args.model_b, "--inputs": args.inputs},
+                        {"--json": args.json}, stdout=("--json",))
     th = Thresholds(args.min_overlap, args.max_score_drift, args.min_class_agreement, args.max_center_error, args.max_abs)
     inputs = load_inputs(args.inputs) if args.inputs else None
     with progress_bar(None, unit="scene") as progress:
@@ -72,6 +72,5 @@ def run(args: argparse.Namespace) -> int:
     for line in report_lines(report):
         print(line)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(dict(report.to_dict(), model_a=args.model_a, model_b=args.model_b), indent=1) + "\n")
+        write_report(args.json, json.dumps(dict(report.to_dict(), model_a=args.model_a, model_b=args.model_b), indent=1) + "\n", suffix=".json")
     return 0 if report.passed else 1

@@ -49,16 +49,14 @@ def metric_lines(m) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from edgeprune.cli.progress import progress_bar
     from edgeprune.evaluation.evaluate import evaluate_model
-    from edgeprune.io import atomic_path, check_writable
+    from edgeprune.io import check_command_files, write_report
 
-    if args.json:
-        check_writable(args.json)
+    check_command_files({"MODEL.onnx": args.model}, {"--json": args.json}, stdout=("--json",))
     with progress_bar(None, unit="scene") as progress:
         metrics = evaluate_model(args.model, args.data, top_n=args.top, min_visible_pixels=args.min_visible_pixels,
                                  limit=args.limit, progress=progress)
     for line in metric_lines(metrics):
         print(line)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(dict(metrics.to_dict(), model=args.model, data=args.data), indent=1) + "\n")
+        write_report(args.json, json.dumps(dict(metrics.to_dict(), model=args.model, data=args.data), indent=1) + "\n", suffix=".json")
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgeprune._lazy import require
-from edgeprune.io import STDOUT, atomic_path
+from edgeprune.io import STDOUT, atomic_path, write_report
 from edgeprune.runners.results import BenchReport
 
 CSV_COLUMNS = ("device", "hostname", "machine", "ort_version", "providers", "threads", "model", "precision",
@@ -85,15 +85,7 @@ def format_table(report: BenchReport) -> str:
 
 def write_json(report: BenchReport, path: str | Path) -> Path:
     """``report`` as JSON to ``path`` (atomically) or to stdout for ``-``."""
-    text = json.dumps(report.to_dict(), indent=1)
-    if str(path) == STDOUT:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-        return Path(STDOUT)
-    target = Path(path)
-    with atomic_path(target, suffix=".json") as tmp:
-        tmp.write_text(text)
-    return target
+    return write_report(path, json.dumps(report.to_dict(), indent=1), suffix=".json")
 
 
 def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
