@@ -176,8 +176,17 @@ def score_path(index: GraphIndex, softmax: Any) -> _ScorePath | None:
     return None
 
 
+def _nan_guard(index: GraphIndex, node: Any, tensor: str) -> bool:
+    """``Where(cond, constant, tensor)``: the exporters' SDPA with a boolean mask replaces the NaN
+    rows of fully masked queries (``Where(IsNaN(p), 0, p)``); values pass through otherwise."""
+    if node.op_type != "Where" or len(node.input) != 3 or tensor not in node.input[1:]:
+        return False
+    other = node.input[1] if node.input[2] == tensor else node.input[2]
+    return other != tensor and index.is_constant(other)
+
+
 def _pv_node(index: GraphIndex, probs: str) -> Any | None:
-    """The MatMul(probs, V) reading ``probs`` (through Cast/Identity/Dropout)."""
+    """The MatMul(probs, V) reading ``probs`` (through Cast/Identity/Dropout and a NaN guard)."""
     todo, seen = [probs], set()
     while todo:
         tensor = todo.pop()
@@ -187,7 +196,7 @@ def _pv_node(index: GraphIndex, probs: str) -> Any | None:
         for user in index.users(tensor):
             if user.op_type == "MatMul" and user.input[0] == tensor and not index.is_constant(user.input[1]):
                 return user
-            if user.op_type in ("Cast", "Identity", "Dropout"):
+            if user.op_type in ("Cast", "Identity", "Dropout") or _nan_guard(index, user, tensor):
                 todo.append(user.output[0])
     return None
 
