@@ -247,12 +247,49 @@ class DetrStack(ForeignDecoder):
                 h.remove()
 
 
+class ConditionalDetrStack(DetrStack):
+    """Hugging Face ``ConditionalDetrDecoder``: its cross-attention keys concatenate (per head) a
+    content projection of the memory with a projection of the key position embedding (layer 0
+    also adds that projection to the content), so each layer reads two per-key tensors.
+    The loop repeats ``ConditionalDetrDecoder.forward`` (reference points, query sine embedding
+    scaled by ``query_scale`` after the first layer)."""
+
+    def __init__(self, attn: str, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        nn.Module.__init__(self)
+        from transformers.models.conditional_detr.modeling_conditional_detr import ConditionalDetrDecoder
+
+        torch.manual_seed(seed)
+        self.sizes, self.name = sizes, f"conditional-detr-{attn}"
+        self.config = _detr_config(sizes, attn, "ConditionalDetrConfig")
+        self.decoder = ConditionalDetrDecoder(self.config)
+        self.query_pos = nn.Embedding(sizes.queries, sizes.embed)
+        self.class_labels_classifier = nn.Linear(sizes.embed, sizes.classes)
+        for block in self.decoder.layers:
+            for proj in ("q_content_proj", "k_content_proj", "k_pos_proj", "q_pos_sine_proj"):
+                _scale_(getattr(block.encoder_attn, proj).weight, 4.0)
+        _scale_(self.class_labels_classifier.weight, 3.0)
+        self.eval()
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        from transformers.models.conditional_detr.modeling_conditional_detr import \
+            encode_sinusoidal_position_embedding
+
+        query_pos = self.query_pos.weight.unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        centers = self.decoder.ref_point_head(query_pos).sigmoid()[..., :2]          # [B, Nq, 2]
+        sine = encode_sinusoidal_position_embedding(centers, num_pos_feats=self.sizes.embed // 2)
+        if i > 0:
+            sine = sine * self.decoder.query_scale(hidden)
+        return self.decoder.layers[i](hidden, None, keys.pos, query_pos, sine, keys.memory,
+                                      encoder_attention_mask=self._encoder_mask(hidden, keys), is_first=i == 0)
+
+
 # --------------------------------------------------------------------------- exports
 MODELS = {
     "torch-bf": lambda: TorchStack(batch_first=True),
     "torch-sf": lambda: TorchStack(batch_first=False),
     "detr-eager": lambda: DetrStack("eager"),
     "detr-sdpa": lambda: DetrStack("sdpa"),
+    "conditional-detr": lambda: ConditionalDetrStack("sdpa"),
 }
 
 

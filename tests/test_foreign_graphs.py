@@ -74,7 +74,7 @@ def run_onnx(path: Path, inputs: dict[str, Tensor]) -> np.ndarray:
     return session.run(["all_cls_scores"], feeds)[0]
 
 
-QUICK = [("torch-bf", "torchscript", 1, False), ("torch-sf", "dynamo", 2, True),
+QUICK = [("torch-bf", "torchscript", 1, False), ("torch-sf", "dynamo", 2, True), ("conditional-detr", "dynamo", 2, True),
          ("detr-eager", "torchscript", 2, True), ("detr-sdpa", "dynamo", 2, True)]
 CASES = [(name, exporter, batch, mask) for name in fm.MODELS for exporter in fm.EXPORTERS
          for batch, mask in ((1, False), (2, True))]
