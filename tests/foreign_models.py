@@ -176,6 +176,23 @@ class TorchStack(ForeignDecoder):
                 h.remove()
 
 
+class TorchPackedWeights(TorchStack):
+    """The same layers, but cross-attention called as users call ``nn.MultiheadAttention`` directly:
+    ``mha(x, memory, memory)`` with the default ``need_weights=True`` (a different export path)."""
+
+    def __init__(self, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        super().__init__(batch_first=False, sizes=sizes, seed=seed)
+        self.name = "torch-weights"
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        block = self.decoder.layers[i]
+        x = block.norm1(hidden + block._sa_block(hidden, None, None))
+        attn, _ = block.multihead_attn(x, self._layout(keys.memory), self._layout(keys.memory),
+                                       key_padding_mask=keys.padding)
+        x = block.norm2(x + attn)
+        return block.norm3(x + block._ff_block(x))
+
+
 # --------------------------------------------------------------------------- Hugging Face DETR
 def _detr_config(sizes: Sizes, attn: str, cls_name: str = "DetrConfig") -> Any:
     import transformers
@@ -287,6 +304,7 @@ class ConditionalDetrStack(DetrStack):
 MODELS = {
     "torch-bf": lambda: TorchStack(batch_first=True),
     "torch-sf": lambda: TorchStack(batch_first=False),
+    "torch-weights": TorchPackedWeights,
     "detr-eager": lambda: DetrStack("eager"),
     "detr-sdpa": lambda: DetrStack("sdpa"),
     "conditional-detr": lambda: ConditionalDetrStack("sdpa"),
