@@ -106,3 +106,24 @@ def test_pruned_foreign_graph_equals_torch_tggbc(case: tuple, tmp_path: Path) ->
     out = tmp_path / "pruned.onnx"
     rewrite(path, out, [KeyPruningPass(CONFIG)], verify=False)
     assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id="-".join(str(x) for x in c)) for c in QUICK])
+def test_discovery_names_every_per_key_input(case: tuple) -> None:
+    """Packed key = value projections name the shared memory once for both sides; Conditional
+    DETR's keys name both the memory and the key position; masks are found when present."""
+    name, exporter, batch, mask = case
+    if "detr" in name:
+        pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
+    model = onnx.load(str(fm.exported(name, exporter, batch, mask)))
+    inputs = {i.name for i in model.graph.input}
+    for layer in discover(model).layers:
+        keys = {p.tensor for p in layer.key_inputs}
+        values = {p.tensor for p in layer.value_inputs}
+        assert bool(layer.masks) == mask
+        if name.startswith("torch"):
+            assert keys == values and len(layer.key_inputs) == 1
+        elif name == "conditional-detr":
+            assert keys == {"memory", "key_pos"} and values == {"memory"}
+        else:                                   # DETR: one key input, memory + key_pos
+            assert len(layer.key_inputs) == 1 and keys.isdisjoint(inputs) and values == {"memory"}
