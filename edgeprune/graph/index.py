@@ -16,9 +16,11 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.graph.ops import AFFINE_OPS, PASS_THROUGH_OPS, RANDOM_OPS
-from edgeprune.graph.shapes import Shape, Shapes, infer_shapes
+from edgeprune.graph.shapes import Shape, Shapes, infer_shapes, is_static
 from edgeprune.graph.values import constant_node_value
 
+
+_SHAPE_OF = frozenset({"Shape", "Size"})     # outputs that read only the input's shape, not its values
 
 
 @dataclass
@@ -63,7 +65,8 @@ class GraphIndex:
         return self.shapes.get(name)
 
     def is_constant(self, name: str) -> bool:
-        """True for initializers, Constant outputs and anything computed only from those."""
+        """True for initializers, Constant outputs, the ``Shape``/``Size`` of a statically shaped tensor,
+        and anything computed only from those (TorchScript computes SDPA's scale from ``Shape(q)``)."""
         memo = self._constant
         stack = [(name, False)]
         while stack:                       # iterative post-order: decoder graphs are deep
@@ -73,6 +76,8 @@ class GraphIndex:
             node = self.producer.get(cur)
             if node is None:
                 memo[cur] = cur in self.initializers
+            elif node.op_type in _SHAPE_OF:
+                memo[cur] = is_static(self.shapes.get(node.input[0]))
             elif expanded:
                 memo[cur] = node.op_type not in RANDOM_OPS and all(memo.get(i, False) for i in node.input if i)
             else:
@@ -190,6 +195,8 @@ def data_input(index: GraphIndex, node: Any) -> int | None:
     """Which input of a view/affine node carries the data, or None when it is not a pass-through."""
     if node.op_type in PASS_THROUGH_OPS:
         return 0
+    if node.op_type == "Gather" and index.is_constant(node.input[1]) and index.scalar(node.input[1]) is not None:
+        return 0                     # one part of a packed projection (nn.MultiheadAttention's key = value)
     if node.op_type in AFFINE_OPS and len(node.input) == 2:
         const = [index.is_constant(i) for i in node.input]
         if const[0] != const[1]:

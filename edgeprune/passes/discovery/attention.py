@@ -9,7 +9,17 @@ code and ``nn.MultiheadAttention`` alike), found from its Softmax::
     v_in -> MatMul/Gemm(Wv) [+bv] -> [Split] -> Reshape/Transpose.. ------------------------------------------------ MatMul(probs, V)
 
 ``[Split]`` appears after onnxsim merged the projections of all layers reading the same
-tensor; a ``Reshape [B, Nk, E] -> [B*Nk, E]`` may precede a 2-D ``Gemm``. Fused attention is
+tensor; a ``Reshape [B, Nk, E] -> [B*Nk, E]`` may precede a 2-D ``Gemm``. Other forms matched:
+
+- key = value (``nn.MultiheadAttention`` / ``nn.TransformerDecoderLayer`` cross-attention): one
+  packed projection ``MatMul(memory, [Wk | Wv])``, unflattened, then ``Gather(0)`` / ``Gather(1)``
+  (a walk passes a Gather with a constant scalar index); both sides name the same input;
+- SDPA as the exporters write it: the scale ``sqrt(1/sqrt(d))`` on Q and on K^T (TorchScript
+  computes it from ``Shape(q)``: constant for static shapes), and with a boolean mask
+  ``Where(mask, 0, -inf)`` before and a NaN guard ``Where(IsNaN(p), 0, p)`` after the Softmax;
+- keys combined from several per-key tensors (Conditional DETR:
+  ``Concat(Wc memory, Wp key_pos)`` per head, plus ``Wc memory + Wp key_pos`` in its first
+  layer): every projection input is returned, so key pruning gathers all of them. Fused attention is
 ONNX ``Attention`` (opset 23) or ``com.microsoft.MultiHeadAttention`` with inputs (Q, K, V).
 
 Match records are immutable; nothing here edits the graph or decides cross vs self attention
@@ -40,8 +50,8 @@ class AttentionMatch:
     pv_node: str
     qk_node: str | None                     # MatMul(Q, K^T); None for fused ops
     query_input: ProjectionInput | None     # None: queries folded to a constant, or projection not matched
-    key_input: ProjectionInput
-    value_input: ProjectionInput
+    key_inputs: tuple[ProjectionInput, ...]     # several when keys combine per-key tensors (Conditional DETR)
+    value_inputs: tuple[ProjectionInput, ...]
     masks: tuple[MaskInput, ...]
     num_queries: int
     num_keys: int
@@ -49,6 +59,15 @@ class AttentionMatch:
     embed_dims: int                         # last axis of the key projection input
     path_nodes: tuple[str, ...]             # nodes between projection inputs and attention
     query_constant: bool = False            # the query side (Q) is computed from constants only
+
+    @property
+    def key_input(self) -> ProjectionInput:
+        """The first key projection input (the memory side for the combined keys of Conditional DETR)."""
+        return self.key_inputs[0]
+
+    @property
+    def value_input(self) -> ProjectionInput:
+        return self.value_inputs[0]
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,11 @@ def _flatten_source(index: GraphIndex, tensor: str) -> Any | None:
 
 def find_projection(index: GraphIndex, tensor: str, num_keys: int) -> _Projection | None:
     """Walk up from an attention input (K, V or Q side) to the projection and its input."""
-    walk = walk_up(index, tensor)
+    return _projection_at(index, walk_up(index, tensor), num_keys)
+
+
+def _projection_at(index: GraphIndex, walk: Walk, num_keys: int) -> _Projection | None:
+    """The projection where ``walk`` stopped, with its input's key/batch axes; None if it is not one."""
     found = _projection_node(index, walk)
     if found is None:
         return None
@@ -102,6 +125,45 @@ def find_projection(index: GraphIndex, tensor: str, num_keys: int) -> _Projectio
     pin = ProjectionInput(tensor=x, consumer=consumer.name, input_index=idx, key_axis=key_axis,
                           batch_axis=batch_axis, projection=proj.name)
     return _Projection(pin, path, walk.factor)
+
+
+def find_projections(index: GraphIndex, tensor: str, num_keys: int, depth: int = 3) -> tuple[_Projection, ...] | None:
+    """Every projection feeding an attention input, also when it combines several per-key tensors.
+
+    Conditional DETR's keys are ``Concat(content(memory), pos(key_pos))`` along the head
+    width, and its first layer adds the two projections: the keys then depend on two
+    projection inputs, and pruning must gather both. Combinations followed: a Concat not
+    along the key axis, and Add/Sub of two computed tensors. None when a part is not a projection.
+    """
+    walk = walk_up(index, tensor)
+    single = _projection_at(index, walk, num_keys)
+    if single is not None:
+        return (single,)
+    node = walk.node
+    if depth == 0 or node is None or not _combines_per_key(index, node, walk.tensor, num_keys):
+        return None
+    parts: list[_Projection] = []
+    for inp in dict.fromkeys(i for i in node.input if i and not index.is_constant(i)):
+        found = find_projections(index, inp, num_keys, depth - 1)
+        if found is None:
+            return None
+        parts += [_Projection(p.input, walk.path + (node,) + p.path, walk.factor) for p in found]
+    return tuple(parts)
+
+
+def _combines_per_key(index: GraphIndex, node: Any, tensor: str, num_keys: int) -> bool:
+    """``node`` joins per-key tensors key by key: Add/Sub of two computed inputs, or a Concat along
+    an axis other than the keys'."""
+    computed = [i for i in node.input if i and not index.is_constant(i)]
+    if node.op_type in ("Add", "Sub"):
+        return len(computed) == 2
+    if node.op_type != "Concat" or len(computed) < 2:
+        return False
+    shape = index.shape(tensor)
+    if shape is None:
+        return False
+    axis = attr(node, "axis", 0) % len(shape)
+    return shape[axis] != num_keys and num_keys in shape
 
 
 def _axes(shape: Sequence[Any] | None, num_keys: int) -> tuple[int, int | None] | None:
@@ -176,8 +238,17 @@ def score_path(index: GraphIndex, softmax: Any) -> _ScorePath | None:
     return None
 
 
+def _nan_guard(index: GraphIndex, node: Any, tensor: str) -> bool:
+    """``Where(cond, constant, tensor)``: the exporters' SDPA with a boolean mask replaces the NaN
+    rows of fully masked queries (``Where(IsNaN(p), 0, p)``); values pass through otherwise."""
+    if node.op_type != "Where" or len(node.input) != 3 or tensor not in node.input[1:]:
+        return False
+    other = node.input[1] if node.input[2] == tensor else node.input[2]
+    return other != tensor and index.is_constant(other)
+
+
 def _pv_node(index: GraphIndex, probs: str) -> Any | None:
-    """The MatMul(probs, V) reading ``probs`` (through Cast/Identity/Dropout)."""
+    """The MatMul(probs, V) reading ``probs`` (through Cast/Identity/Dropout and a NaN guard)."""
     todo, seen = [probs], set()
     while todo:
         tensor = todo.pop()
@@ -187,7 +258,7 @@ def _pv_node(index: GraphIndex, probs: str) -> Any | None:
         for user in index.users(tensor):
             if user.op_type == "MatMul" and user.input[0] == tensor and not index.is_constant(user.input[1]):
                 return user
-            if user.op_type in ("Cast", "Identity", "Dropout"):
+            if user.op_type in ("Cast", "Identity", "Dropout") or _nan_guard(index, user, tensor):
                 todo.append(user.output[0])
     return None
 
@@ -224,12 +295,21 @@ def match_softmax_attention(index: GraphIndex, softmax: Any) -> AttentionMatch |
     pv = _pv_node(index, softmax.output[0])
     if scores is None or pv is None:
         return None
-    key = find_projection(index, scores.qk.input[1], nk)
-    value = find_projection(index, pv.input[1], nk)
+    key = find_projections(index, scores.qk.input[1], nk)
+    value = find_projections(index, pv.input[1], nk)
     if key is None or value is None:
         return None
     query = find_projection(index, scores.qk.input[0], nq)
     return _assemble(index, softmax, probs_shape, scores, pv, query, key, value)
+
+
+def _pins(parts: Sequence[_Projection]) -> tuple[ProjectionInput, ...]:
+    """The distinct projection inputs of ``parts`` (a tensor feeding two combined parts counts once)."""
+    return tuple({(p.input.consumer, p.input.input_index): p.input for p in parts}.values())
+
+
+def _path_names(*sides: Sequence[_Projection]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(n.name for parts in sides for p in parts for n in p.path))
 
 
 def _heads_and_batch(index: GraphIndex, probs_shape: Sequence[int], qk: Any,
@@ -248,23 +328,23 @@ def _heads_and_batch(index: GraphIndex, probs_shape: Sequence[int], qk: Any,
 
 
 def _assemble(index: GraphIndex, softmax: Any, probs_shape: Sequence[int], scores: _ScorePath, pv: Any,
-              query: _Projection | None, key: _Projection, value: _Projection) -> AttentionMatch | None:
-    hb = _heads_and_batch(index, probs_shape, scores.qk, key)
+              query: _Projection | None, key: Sequence[_Projection], value: Sequence[_Projection]
+              ) -> AttentionMatch | None:
+    hb = _heads_and_batch(index, probs_shape, scores.qk, key[0])
     if hb is None:
         return None
     heads, batch, layout = hb
-    scale = scores.factor * key.factor * (query.factor if query is not None else 1.0)
+    scale = scores.factor * key[0].factor * (query.factor if query is not None else 1.0)
     masks = tuple(_mask_input(index, t, c, i, len(probs_shape), batch, heads, layout) for t, c, i in scores.masks)
-    path = [n.name for n in key.path + value.path]
-    embed = index.shape(key.input.tensor)[-1]
+    embed = index.shape(key[0].input.tensor)[-1]
     return AttentionMatch(
         node=softmax.name,
         probs=AttentionProbs(tensor=softmax.output[0], layout=layout, num_heads=heads, scale=scale),
         pv_node=pv.name, qk_node=scores.qk.name,
         query_input=query.input if query is not None else None,
-        key_input=key.input, value_input=value.input, masks=masks,
+        key_inputs=_pins(key), value_inputs=_pins(value), masks=masks,
         num_queries=probs_shape[-2], num_keys=probs_shape[-1], batch=batch, embed_dims=int(embed),
-        path_nodes=tuple(dict.fromkeys(path)), query_constant=index.is_constant(scores.qk.input[0]))
+        path_nodes=_path_names(key, value), query_constant=index.is_constant(scores.qk.input[0]))
 
 
 # ------------------------------------------------------------------ fused
@@ -306,8 +386,8 @@ def match_fused_attention(index: GraphIndex, node: Any) -> AttentionMatch | None
     if geometry is None:
         return None
     heads, batch, nq, nk = geometry
-    key = find_projection(index, node.input[1], nk)
-    value = find_projection(index, node.input[2], nk)
+    key = find_projections(index, node.input[1], nk)
+    value = find_projections(index, node.input[2], nk)
     if key is None or value is None:
         return None
     query = find_projection(index, node.input[0], nq)
@@ -315,12 +395,11 @@ def match_fused_attention(index: GraphIndex, node: Any) -> AttentionMatch | None
     scale = attr(node, "scale")
     probs = AttentionProbs(tensor=None, layout="fused", num_heads=heads, fused_qk=(node.input[0], node.input[1]),
                            scale=float(scale) if scale else None, fused_bias=bias)
-    path = [n.name for n in key.path + value.path]
     return AttentionMatch(
         node=node.name, probs=probs, pv_node=node.name, qk_node=None,
-        query_input=query.input if query is not None else None, key_input=key.input, value_input=value.input,
+        query_input=query.input if query is not None else None, key_inputs=_pins(key), value_inputs=_pins(value),
         masks=_fused_masks(index, node, batch), num_queries=nq, num_keys=nk, batch=batch,
-        embed_dims=int(index.shape(key.input.tensor)[-1]), path_nodes=tuple(dict.fromkeys(path)),
+        embed_dims=int(index.shape(key[0].input.tensor)[-1]), path_nodes=_path_names(key, value),
         query_constant=index.is_constant(node.input[0]))
 
 

@@ -136,7 +136,7 @@ def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[Attentio
 
 # ------------------------------------------------------------------ matching
 def _layer(i: int, match: AttentionMatch, logits: str | None) -> DecoderLayer:
-    return DecoderLayer(index=i, probs=match.probs, key_inputs=(match.key_input,), value_inputs=(match.value_input,),
+    return DecoderLayer(index=i, probs=match.probs, key_inputs=match.key_inputs, value_inputs=match.value_inputs,
                         masks=match.masks, pv_node=match.pv_node, logits=logits, num_keys=match.num_keys,
                         key_path_nodes=match.path_nodes)
 

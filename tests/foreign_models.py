@@ -1,0 +1,340 @@
+"""Decoders from public code, built at test time with random weights: the foreign-graph corpus.
+
+Users arrive with ONNX files exported from their own modules, not edgeprune's. Each class
+here wraps a public decoder (``torch.nn.TransformerDecoder``, Hugging Face DETR, Conditional
+DETR) in the smallest module that returns what tgGBC reads: per-layer class logits stacked as
+``all_cls_scores [L, B, Nq, C]``, the model's own class head applied to each layer's output.
+Nothing of edgeprune is imported.
+
+Every wrapper exposes the same layer-by-layer surface, so a PyTorch tgGBC can run between
+its layers (``tests/test_foreign_graphs.py``)::
+
+    hidden, keys = m.prepare(inputs)        # keys: per-key tensors, batch-first [B, Nk, ...]
+    hidden = m.layer(l, hidden, keys)       # one decoder layer on (possibly fewer) keys
+    logits = m.logits(l, hidden)            # [B, Nq, C], through the model's class head
+    with m.cross_probs() as probs: ...      # probs[l]: layer l's cross-attention, head mean [B, Nq, Nk]
+
+``forward`` is the same loop without pruning. Query/key projections are scaled up so that
+attention is peaked and the kept key set has a clear margin (random init gives near ties).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from model_cache import cache_dir       # the session's export directory (tests/ is on sys.path)
+
+EXPORTERS = {"torchscript": 17, "dynamo": 18}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Tiny but distinct sizes: a few hundred keys, so the quick suite stays fast."""
+
+    layers: int = 3
+    embed: int = 64
+    heads: int = 4
+    ffn: int = 128
+    queries: int = 20
+    height: int = 12
+    width: int = 25          # keys = height * width = 300
+    classes: int = 7
+
+    @property
+    def keys(self) -> int:
+        return self.height * self.width
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Per-key tensors, batch-first: what tgGBC gathers between layers."""
+
+    memory: Tensor               # [B, Nk, E]
+    pos: Tensor | None           # [B, Nk, E] key position embedding
+    padding: Tensor | None       # [B, Nk] bool, True = padded (ignored) key
+
+    def gather(self, keep: Tensor) -> Keys:
+        """The keys ``keep`` [B, K] of every per-key tensor."""
+        def take(x: Tensor | None) -> Tensor | None:
+            if x is None:
+                return None
+            idx = keep if x.dim() == 2 else keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            return torch.gather(x, 1, idx)
+        return Keys(take(self.memory), take(self.pos), take(self.padding))
+
+
+def _padding(batch: int, sizes: Sizes) -> Tensor:
+    """Pad the right columns of every image, a different width per batch element: [B, Nk] True = pad."""
+    pad = torch.zeros(batch, sizes.height, sizes.width, dtype=torch.bool)
+    for b in range(batch):
+        pad[b, :, sizes.width - 4 - 3 * b:] = True
+    return pad.reshape(batch, -1)
+
+
+class ForeignDecoder(nn.Module):
+    """Shared loop: ``forward`` = prepare, then per layer: layer + class logits; stacked."""
+
+    sizes: Sizes
+    name: str = "foreign"
+
+    def example_inputs(self, batch: int, mask: bool, seed: int = 0) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        s = self.sizes
+        salience = torch.exp(0.5 * torch.randn(batch, s.keys, 1, generator=gen))    # tokens differ in norm
+        inputs = {"memory": torch.randn(batch, s.keys, s.embed, generator=gen) * salience,
+                  "key_pos": torch.randn(batch, s.keys, s.embed, generator=gen)}
+        if mask:
+            inputs["key_padding_mask"] = _padding(batch, s)
+        return inputs
+
+    def forward(self, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        hidden, keys = self.prepare({"memory": memory, "key_pos": key_pos, "key_padding_mask": key_padding_mask})
+        out = []
+        for i in range(self.sizes.layers):
+            hidden = self.layer(i, hidden, keys)
+            out.append(self.logits(i, hidden))
+        return torch.stack(out)                                                   # [L, B, Nq, C]
+
+    def prepare(self, inputs: dict[str, Tensor | None]) -> tuple[Tensor, Keys]:
+        raise NotImplementedError
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        raise NotImplementedError
+
+    def logits(self, i: int, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def cross_probs(self) -> contextlib.AbstractContextManager[list[Tensor]]:
+        raise NotImplementedError
+
+
+def _scale_(linear_weight: Tensor, factor: float) -> None:
+    with torch.no_grad():
+        linear_weight.mul_(factor)
+
+
+# --------------------------------------------------------------------------- torch.nn
+class TorchStack(ForeignDecoder):
+    """``nn.TransformerDecoder`` (post-norm layers, ``batch_first`` either way) on learned queries.
+
+    Cross-attention reads key = value = ``memory + key_pos``, so nn.MultiheadAttention packs the
+    key and value projections into one MatMul and splits its output; the layers call it with
+    ``need_weights=False`` (the SDPA path). The class head reads each layer's output through the
+    decoder's final norm."""
+
+    def __init__(self, batch_first: bool, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.sizes, self.batch_first = sizes, batch_first
+        self.name = f"torch-{'bf' if batch_first else 'sf'}"
+        layer = nn.TransformerDecoderLayer(sizes.embed, sizes.heads, sizes.ffn, dropout=0.0, batch_first=batch_first)
+        self.decoder = nn.TransformerDecoder(layer, sizes.layers, norm=nn.LayerNorm(sizes.embed))
+        self.query = nn.Parameter(torch.randn(sizes.queries, sizes.embed))
+        self.class_head = nn.Linear(sizes.embed, sizes.classes)
+        for block in self.decoder.layers:
+            _scale_(block.multihead_attn.in_proj_weight[:2 * sizes.embed], 2.0)       # peaked cross-attention
+        _scale_(self.class_head.weight, 3.0)
+        self.eval()
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def prepare(self, inputs: dict[str, Tensor | None]) -> tuple[Tensor, Keys]:
+        memory = inputs["memory"] + inputs["key_pos"]                    # key = value = memory + pos
+        batch = memory.shape[0]
+        hidden = self.query.unsqueeze(0).expand(batch, -1, -1)
+        return self._layout(hidden), Keys(memory, None, inputs.get("key_padding_mask"))
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        return self.decoder.layers[i](hidden, self._layout(keys.memory), memory_key_padding_mask=keys.padding)
+
+    def logits(self, i: int, hidden: Tensor) -> Tensor:
+        return self.class_head(self.decoder.norm(self._layout(hidden)))
+
+    @contextlib.contextmanager
+    def cross_probs(self) -> Iterator[list[Tensor]]:
+        """Recompute each call's probabilities with ``need_weights=True`` (the layer asks for none)."""
+        probs: list[Tensor] = []
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+            kw = {k: v for k, v in kwargs.items() if k in ("key_padding_mask", "attn_mask")}
+            _, weights = mod.forward(*args, **kw, need_weights=True, average_attn_weights=True)
+            probs.append(weights)                                                     # [B, Nq, Nk]
+
+        handles = [b.multihead_attn.register_forward_hook(hook, with_kwargs=True) for b in self.decoder.layers]
+        try:
+            yield probs
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class TorchPackedWeights(TorchStack):
+    """The same layers, but cross-attention called as users call ``nn.MultiheadAttention`` directly:
+    ``mha(x, memory, memory)`` with the default ``need_weights=True`` (a different export path)."""
+
+    def __init__(self, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        super().__init__(batch_first=False, sizes=sizes, seed=seed)
+        self.name = "torch-weights"
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        block = self.decoder.layers[i]
+        x = block.norm1(hidden + block._sa_block(hidden, None, None))
+        attn, _ = block.multihead_attn(x, self._layout(keys.memory), self._layout(keys.memory),
+                                       key_padding_mask=keys.padding)
+        x = block.norm2(x + attn)
+        return block.norm3(x + block._ff_block(x))
+
+
+# --------------------------------------------------------------------------- Hugging Face DETR
+def _detr_config(sizes: Sizes, attn: str, cls_name: str = "DetrConfig") -> Any:
+    import transformers
+
+    config = getattr(transformers, cls_name)(
+        d_model=sizes.embed, decoder_layers=sizes.layers, decoder_attention_heads=sizes.heads,
+        decoder_ffn_dim=sizes.ffn, encoder_layers=1, encoder_attention_heads=sizes.heads,
+        encoder_ffn_dim=sizes.ffn, num_queries=sizes.queries, num_labels=sizes.classes - 1, dropout=0.0,
+        use_timm_backbone=False, use_pretrained_backbone=False)
+    config._attn_implementation = attn
+    return config
+
+
+class DetrStack(ForeignDecoder):
+    """Hugging Face ``DetrDecoder`` (eager or sdpa attention) with DETR's query embeddings and class
+    head applied to every layer's normed output, as ``DetrForObjectDetection`` does with aux loss."""
+
+    def __init__(self, attn: str, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        super().__init__()
+        from transformers.models.detr.modeling_detr import DetrDecoder
+
+        torch.manual_seed(seed)
+        self.sizes, self.name = sizes, f"detr-{attn}"
+        self.config = _detr_config(sizes, attn)
+        self.decoder = DetrDecoder(self.config)
+        self.query_pos = nn.Embedding(sizes.queries, sizes.embed)
+        self.class_labels_classifier = nn.Linear(sizes.embed, sizes.classes)
+        for block in self.decoder.layers:
+            _scale_(block.encoder_attn.q_proj.weight, 6.0)
+            _scale_(block.encoder_attn.k_proj.weight, 6.0)
+        _scale_(self.class_labels_classifier.weight, 3.0)
+        self.eval()
+
+    def prepare(self, inputs: dict[str, Tensor | None]) -> tuple[Tensor, Keys]:
+        memory = inputs["memory"]
+        hidden = torch.zeros(memory.shape[0], self.sizes.queries, self.sizes.embed)
+        return hidden, Keys(memory, inputs["key_pos"], inputs.get("key_padding_mask"))
+
+    def _encoder_mask(self, hidden: Tensor, keys: Keys) -> Tensor | None:
+        """DETR's own 4-D cross-attention mask for the implementation in use (pixel mask 1 = real)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        if keys.padding is None:
+            return None
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
+                                         attention_mask=(~keys.padding).long(), encoder_hidden_states=keys.memory)
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        query_pos = self.query_pos.weight.unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        return self.decoder.layers[i](hidden, None, keys.pos, query_pos, keys.memory,
+                                      encoder_attention_mask=self._encoder_mask(hidden, keys))
+
+    def logits(self, i: int, hidden: Tensor) -> Tensor:
+        return self.class_labels_classifier(self.decoder.layernorm(hidden))
+
+    @contextlib.contextmanager
+    def cross_probs(self) -> Iterator[list[Tensor]]:
+        """Run the layers with eager attention (sdpa returns no weights; both compute the same)."""
+        probs: list[Tensor] = []
+        saved = self.config._attn_implementation
+        self.config._attn_implementation = "eager"
+        handles = [b.encoder_attn.register_forward_hook(lambda _m, _a, out: probs.append(out[1].mean(dim=1)))
+                   for b in self.decoder.layers]
+        try:
+            yield probs
+        finally:
+            self.config._attn_implementation = saved
+            for h in handles:
+                h.remove()
+
+
+class ConditionalDetrStack(DetrStack):
+    """Hugging Face ``ConditionalDetrDecoder``: its cross-attention keys concatenate (per head) a
+    content projection of the memory with a projection of the key position embedding (layer 0
+    also adds that projection to the content), so each layer reads two per-key tensors.
+    The loop repeats ``ConditionalDetrDecoder.forward`` (reference points, query sine embedding
+    scaled by ``query_scale`` after the first layer)."""
+
+    def __init__(self, attn: str, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        nn.Module.__init__(self)
+        from transformers.models.conditional_detr.modeling_conditional_detr import ConditionalDetrDecoder
+
+        torch.manual_seed(seed)
+        self.sizes, self.name = sizes, f"conditional-detr-{attn}"
+        self.config = _detr_config(sizes, attn, "ConditionalDetrConfig")
+        self.decoder = ConditionalDetrDecoder(self.config)
+        self.query_pos = nn.Embedding(sizes.queries, sizes.embed)
+        self.class_labels_classifier = nn.Linear(sizes.embed, sizes.classes)
+        for block in self.decoder.layers:
+            for proj in ("q_content_proj", "k_content_proj", "k_pos_proj", "q_pos_sine_proj"):
+                _scale_(getattr(block.encoder_attn, proj).weight, 4.0)
+        _scale_(self.class_labels_classifier.weight, 3.0)
+        self.eval()
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        from transformers.models.conditional_detr.modeling_conditional_detr import \
+            encode_sinusoidal_position_embedding
+
+        query_pos = self.query_pos.weight.unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        centers = self.decoder.ref_point_head(query_pos).sigmoid()[..., :2]          # [B, Nq, 2]
+        sine = encode_sinusoidal_position_embedding(centers, num_pos_feats=self.sizes.embed // 2)
+        if i > 0:
+            sine = sine * self.decoder.query_scale(hidden)
+        return self.decoder.layers[i](hidden, None, keys.pos, query_pos, sine, keys.memory,
+                                      encoder_attention_mask=self._encoder_mask(hidden, keys), is_first=i == 0)
+
+
+# --------------------------------------------------------------------------- exports
+MODELS = {
+    "torch-bf": lambda: TorchStack(batch_first=True),
+    "torch-sf": lambda: TorchStack(batch_first=False),
+    "torch-weights": TorchPackedWeights,
+    "detr-eager": lambda: DetrStack("eager"),
+    "detr-sdpa": lambda: DetrStack("sdpa"),
+    "conditional-detr": lambda: ConditionalDetrStack("sdpa"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def model(name: str) -> ForeignDecoder:
+    """The corpus module ``name`` (seed 0, eval), cached: do not modify it."""
+    return MODELS[name]()
+
+
+@functools.lru_cache(maxsize=None)
+def exported(name: str, exporter: str, batch: int, mask: bool) -> Path:
+    """Path of a cached plain ``torch.onnx.export`` of ``model(name)`` (static shapes; read-only)."""
+    module = model(name)
+    inputs = module.example_inputs(batch, mask)
+    path = cache_dir() / f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}.onnx"
+    kwargs: dict[str, Any] = dict(input_names=list(inputs), output_names=["all_cls_scores"],
+                                  opset_version=EXPORTERS[exporter])
+    if exporter == "dynamo":
+        kwargs.update(dynamo=True, external_data=False, verbose=False, report=False, verify=False)
+    else:
+        kwargs.update(dynamo=False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)      # TorchScript cannot export aten::_native_multi_head_attention
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, tuple(inputs.values()), str(path), **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return path
