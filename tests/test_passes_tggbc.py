@@ -166,12 +166,9 @@ def test_preset_matches_torch_reference(case: tuple[Any, ...], batch: int, expor
     steps = len(plan.steps)
     ops = inserted_ops(out)
     assert ops["TopK"] == steps * (2 if cfg.k else 1)                 # keys (+ top queries) per pruning layer
-    top = steps if cfg.k else 0                                       # top queries: their c and their rows
-    assert ops["GatherElements"] == steps - 1 + top                   # chaining indices across pruning layers
+    assert ops["GatherElements"] == steps - 1                         # chaining indices across pruning layers
     # each stage gathers memory and memory + key_pos once (shared by the later layers)
-    assert ops["GatherND"] == (0 if batch == 1 else 2 * steps)
-    assert ops["Gather"] == (2 * steps if batch == 1 else 0) + top
-    assert ops["MatMul"] == steps and ops.get("ReduceSum", 0) == 0    # one contraction scores the keys
+    assert ops["Gather" if batch == 1 else "GatherND"] == 2 * steps
     again = discover(out)                                             # later layers now read fewer keys
     assert [layer.num_keys for layer in again.layers] == list(plan.keys_per_layer)
     assert plan.keys_per_layer[-1] == again.num_keys - cfg.r
@@ -345,9 +342,9 @@ def test_fused_attention_recomputes_probabilities(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- ablations, TensorRT, r = 0
 @pytest.mark.parametrize("cfg,ops", [
-    (TgGBCConfig(r=30, n=2, k=0, use_class_score=False), {"Sigmoid": 0, "ReduceMax": 0, "Tile": 2}),
+    (TgGBCConfig(r=30, n=2, k=0, use_class_score=False), {"Sigmoid": 0, "ReduceMax": 0, "ReduceSum": 2}),
     (TgGBCConfig(r=30, n=2, k=0, class_reduce="mean"), {"Sigmoid": 2, "ReduceMax": 0, "ReduceMean": 2}),
-    (TgGBCConfig(r=20, n=1, k=0, class_reduce="min"), {"Sigmoid": 1, "ReduceMin": 1, "Tile": 1}),
+    (TgGBCConfig(r=20, n=1, k=0, class_reduce="min"), {"Sigmoid": 1, "ReduceMin": 1, "ReduceSum": 1}),
 ], ids=["no-class-score", "mean", "min"])
 def test_ablations_match_their_references(cfg: TgGBCConfig, ops: dict[str, int], tmp_path: Path) -> None:
     module = hd.HandDecoder("hand")
@@ -357,7 +354,7 @@ def test_ablations_match_their_references(cfg: TgGBCConfig, ops: dict[str, int],
     assert margin >= MIN_GAP
     out = pruned(hd.exported("hand", "dynamo", True, batch=2), tmp_path / "pruned.onnx", cfg)
     inserted = inserted_ops(out)
-    assert {op: inserted.get(op, 0) for op in ops} == ops           # the chosen class reduction, per-head weights
+    assert {op: inserted[op] for op in ops} == ops                  # the chosen class reduction, head sums
     assert_close(run(tmp_path / "pruned.onnx", {k: v.numpy() for k, v in inputs.items()}), cls, box)
 
 
