@@ -139,8 +139,8 @@ def _earlier_outputs(index: GraphIndex, outs: Sequence[str], below: Sequence[Any
     return None if any(t is None for t in found) else found         # type: ignore[return-value]
 
 
-def _follows(index: GraphIndex, tensors: Sequence[str], outs: Sequence[str]) -> bool:
-    """tensors[l] depends on layer l's attention output, and the next layer reads it (or not yet: last)."""
+def follows_layers(index: GraphIndex, tensors: Sequence[str], outs: Sequence[str]) -> bool:
+    """tensors[l] depends on layer l's attention output ``outs[l]`` and not yet on layer l+1's."""
     for i, tensor in enumerate(tensors):
         if not index.depends_on(tensor, [outs[i]]):
             return False
@@ -156,7 +156,7 @@ def _stacked_head(index: GraphIndex, top: Any, chain: list[Any], exit_tensor: st
     inputs = list(top.input)
     if top.op_type != "Concat" or attr(top, "axis") != 0 or len(inputs) != len(outs):
         return None
-    if not _follows(index, inputs, outs):
+    if not follows_layers(index, inputs, outs):
         return None
     nodes = tuple(n.name for n in reversed(chain))
     return ClassHead(top.output[0], exit_tensor, nodes, stacked=True), inputs
@@ -194,7 +194,7 @@ def _per_layer_head(index: GraphIndex, top: Any, chain: list[Any], exit_tensor: 
             continue
         entry = below[depth - 1].output[0] if depth else top.output[0]
         inputs = earlier + [entry]
-        if not _follows(index, inputs, outs):
+        if not follows_layers(index, inputs, outs):
             return None
         head = ClassHead(entry, exit_tensor, tuple(n.name for n in below[depth:]))
         log.debug("class head %s -> %s (%d nodes) recomputes the logits of layers 0..%d", entry, exit_tensor,

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from edgeprune.errors import InvalidModelError, PatternNotFoundError
 from edgeprune.passes.discovery.attention import AttentionMatch, find_attentions, find_projection, \
     match_softmax_attention
-from edgeprune.passes.discovery.class_head import find_class_head
+from edgeprune.passes.discovery.class_head import find_class_head, follows_layers
 from edgeprune.passes.discovery.guidance import mask_candidates, no_decoder_message
 from edgeprune.graph.index import GraphIndex, name_nodes
 from edgeprune.graph.ops import LAYOUT_OPS, STACK_VIEWS
@@ -265,13 +265,7 @@ def _attention_output(index: GraphIndex, layer: AttentionMatch | DecoderLayer) -
 
 def _logits_follow_layers(index: GraphIndex, cross: Sequence[AttentionMatch], logits: Sequence[str]) -> bool:
     """logits[l] depends on layer l's attention output and not on layer l+1's."""
-    outs = [_attention_output(index, m) for m in cross]
-    for i, tensor in enumerate(logits):
-        if not index.depends_on(tensor, [outs[i]]):
-            return False
-        if i + 1 < len(outs) and index.depends_on(tensor, [outs[i + 1]]):
-            return False
-    return True
+    return follows_layers(index, logits, [_attention_output(index, m) for m in cross])
 
 
 def _fill_logits(index: GraphIndex, layers: list[DecoderLayer], ov: Overrides) -> list[DecoderLayer]:
