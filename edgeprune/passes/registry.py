@@ -39,6 +39,7 @@ METHODS: dict[str, str] = {
     "tggbc": "edgeprune.passes.keys.tggbc:KeyPruningPass",
     "gpq": "edgeprune.passes.queries.gpq:QueryPruningPass",
     "tome": "edgeprune.passes.keys.tome:TokenMergingPass",
+    "random": "edgeprune.passes.keys.random_keys:RandomPruningPass",
     "none": "edgeprune.passes.registry:IdentityPass",
 }
 # --precision NAME -> "module:Class" (fp32 is the absence of a conversion). Precision passes
