@@ -31,6 +31,7 @@ COMMANDS: tuple[str, ...] = (
     "dataset",
     "eval",
     "compare",
+    "sweep",
 )
 
 log = logging.getLogger("edgeprune")

@@ -1,4 +1,4 @@
-"""Rewrite an exported model with a graph pass: tgGBC key pruning, GPQ query shrinking, ToMe, fp16.
+"""Rewrite an exported model with a graph pass: tgGBC key pruning, GPQ query shrinking, ToMe, random, fp16.
 
 The decoder is found automatically (the exporter's record, or by matching the graph);
 --override names any tensor it cannot find. The result is checked (onnx.checker, ONNX
@@ -7,6 +7,7 @@ printed. The output is written atomically: on any error no file is left behind.
 
 examples:
   edgeprune rewrite decoder.onnx -o pruned.onnx --method tggbc --r 21000 --n 2 --k 175
+  edgeprune rewrite decoder.onnx -o random.onnx --method random --r 21000 --n 2 --seed 0
   edgeprune rewrite decoder.onnx -o small.onnx --method gpq --keep-indices kept.json
   edgeprune rewrite decoder.onnx -o half.onnx --precision fp16
   edgeprune rewrite foreign.onnx -o pruned.onnx --method tggbc --r 1000 \\
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "rewrite"
-HELP = "prune / shrink / convert an ONNX model with graph passes (tgGBC, GPQ, ToMe, fp16)"
+HELP = "prune / shrink / convert an ONNX model with graph passes (tgGBC, GPQ, ToMe, random, fp16)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check = parser.add_argument_group("verification")
     check.add_argument("--no-verify", action="store_true", help="skip running both models and comparing outputs")
     add_input_arguments(check, purpose="verification inputs")
-    add_key_count_arguments(parser.add_argument_group("key reduction (--method tggbc, tome)"))
+    add_key_count_arguments(parser.add_argument_group("key reduction (--method tggbc, tome, random)"))
     registry.add_pass_arguments(parser)
 
 

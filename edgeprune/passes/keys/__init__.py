@@ -1,6 +1,7 @@
-"""Key reduction between decoder layers: tgGBC pruning and the ToMe baseline.
+"""Key reduction between decoder layers: tgGBC pruning, the ToMe and random-pruning baselines.
 
 ``feed`` is the shared mechanism (rewiring later layers' key/value projection inputs and
-masks to the reduced keys, retargeting static key counts); ``tggbc`` and ``tome`` each
-insert their own selection or merging subgraph and hand it to the feeder.
+masks to the reduced keys, retargeting static key counts); ``tggbc``, ``tome`` and
+``random_keys`` each insert their own selection, merging or constant gather and hand it to
+the feeder.
 """

@@ -263,6 +263,15 @@ def key_counts_from_args(args: Any, method: str, what: str, example: str) -> tup
     return r, 1 if n is None else n
 
 
+def refuse_tggbc_options(args: Any, method: str, takes: str) -> None:
+    """The tgGBC-only options (``--k``, ablations, ``--tensorrt``) are errors for the other key
+    methods, not silently ignored; ``takes`` says what ``method`` reads instead."""
+    for option in ("k", "class_reduce", "no_class_score", "tensorrt"):
+        if getattr(args, option, None):
+            flag = f"--{option.replace('_', '-')}"
+            raise ParameterError(f"{flag} is a tgGBC option; --method {method} takes {takes}")
+
+
 def check_key_counts(r: int, n: int) -> None:
     """Negative counts are refused before any graph is read (the schedule checks the upper bounds)."""
     if r < 0 or n < 0:

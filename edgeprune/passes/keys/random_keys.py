@@ -29,8 +29,8 @@ from edgeprune.graph.edit import GraphEditor, WorkingModel, model_opset
 from edgeprune.graph.shapes import tensor_info
 from edgeprune.methods.tggbc import TgGBCConfig
 from edgeprune.passes.discovery.structure import DecoderStructure
-from edgeprune.passes.keys.feed import KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts, \
-    key_counts_from_args
+from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
+                                      key_counts_from_args, refuse_tggbc_options)
 from edgeprune.passes.keys.tggbc import KeyPruningPlan, plan_key_pruning
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class RandomPruningPass(KeyReductionPass):
 
     name: ClassVar[str] = "random"
     help: ClassVar[str] = ("random key pruning baseline: tgGBC's schedule (r keys over the first n layers), the kept "
-                           "keys a seeded random subset (--seed, default 0)")
+                           "keys a seeded random subset (the command's --seed, default 0)")
 
     def __init__(self, r: int, n: int = 1, seed: int = 0) -> None:
         check_key_counts(r, n)
@@ -118,10 +118,7 @@ class RandomPruningPass(KeyReductionPass):
     def from_args(cls, args: Any) -> RandomPruningPass:
         """``--seed`` is the rewrite command's (also the verification inputs' seed)."""
         r, n = key_counts_from_args(args, "random", "keys pruned in total", "--r 2000 --n 2")
-        for option in ("k", "class_reduce", "no_class_score", "tensorrt"):
-            if getattr(args, option, None):
-                flag = f"--{option.replace('_', '-')}"
-                raise ParameterError(f"{flag} is a tgGBC option; --method random takes --r, --n and --seed")
+        refuse_tggbc_options(args, "random", "--r, --n and --seed")
         return cls(r=r, n=n, seed=getattr(args, "seed", 0) or 0)
 
     def apply(self, working: WorkingModel, structure: DecoderStructure) -> None:

@@ -38,7 +38,7 @@ from edgeprune.errors import ParameterError, PatternNotFoundError
 from edgeprune.methods.tome import ToMeConfig, max_merges
 from edgeprune.graph.edit import GraphEditor, WorkingModel, model_opset
 from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
-                                      key_counts_from_args, projection_inputs)
+                                      key_counts_from_args, projection_inputs, refuse_tggbc_options)
 from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure
 
 log = logging.getLogger(__name__)
@@ -346,10 +346,7 @@ class TokenMergingPass(KeyReductionPass):
     @classmethod
     def from_args(cls, args: Any) -> TokenMergingPass:
         r, n = key_counts_from_args(args, "tome", "keys merged in total", "--r 2000 --n 2")
-        for option in ("k", "class_reduce", "no_class_score", "tensorrt"):
-            if getattr(args, option, None):
-                flag = f"--{option.replace('_', '-')}"
-                raise ParameterError(f"{flag} is a tgGBC option; --method tome takes --r and --n")
+        refuse_tggbc_options(args, "tome", "--r and --n")
         return cls(r=r, n=n)
 
     def apply(self, working: WorkingModel, structure: DecoderStructure) -> None:
