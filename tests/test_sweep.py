@@ -85,6 +85,37 @@ def test_sweep_resumes_and_two_boards_share_the_work(tiny, tmp_path: Path) -> No
     assert results["none-fp32"]["mAP"] == pytest.approx(evaluate_model(model, data).mean_ap, abs=1e-9)
 
 
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_and_the_same_command_finishes(tiny, tmp_path: Path) -> None:
+    """SIGTERM while a setting is timed: exit 143 (no abort from ORT sessions freed at exit), only
+    finished settings have results, no temporary files; the same command then runs the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model, data = tiny
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "edgeprune", "sweep", str(model), "--data", str(data), "--r", "50%", "--n", "1",
+            "--out", str(out), "--repeats", "200", "--time-budget", "3", "--warmup", "1"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "timing 2 model(s)" in line:                # the baseline is done, the pruned setting is being timed
+            proc.send_signal(signal.SIGTERM)
+            break
+    text = proc.stdout.read()
+    assert proc.wait(timeout=120) == 143, text
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["none-fp32.json"]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") or "tmp" in p.name]
+    done = (out / "results" / "none-fp32.json").stat().st_mtime_ns
+    finished = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stderr and "1 of 2 settings already finished" in finished.stderr
+    assert (out / "results" / "none-fp32.json").stat().st_mtime_ns == done
+    assert (out / "results" / "tggbc-r24-n1-k0-fp32.json").is_file()
+
+
 def _decoder() -> Path:
     return hd.exported("mha", "torchscript", True)                     # 50 keys, 3 layers, 20 queries
 

@@ -151,8 +151,9 @@ class SweepJob:
         if self.stop.is_set():
             raise _Stopped()
 
-    def worker(self, profile: Any) -> None:
-        """Take settings until the queue is empty, a worker failed, or the sweep was interrupted."""
+    def worker(self, profile: Any, exited: threading.Event) -> None:
+        """Take settings until the queue is empty, a worker failed, or the sweep was interrupted;
+        set ``exited`` at the end (what the main thread waits for, see :func:`run_sweep`)."""
         from edgeprune.runners.factory import get_runner
 
         try:
@@ -165,10 +166,12 @@ class SweepJob:
                     self.run_setting(setting, runner)
                     self.done += 1
         except _Stopped:
-            return
+            pass
         except BaseException as exc:          # handed to the main thread, which raises it
             self.errors.append(exc)
             self.stop.set()
+        finally:
+            exited.set()
 
 
 def run_sweep(model: str | Path, grid: Sequence[Setting], out: str | Path, options: SweepOptions,
@@ -191,20 +194,21 @@ def run_sweep(model: str | Path, grid: Sequence[Setting], out: str | Path, optio
         log.info("resuming %s: %d of %d settings already finished", out, finished, len(grid))
     for setting in pending:
         job.todo.put(setting)
-    workers = [threading.Thread(target=job.worker, args=(p,), name=f"sweep-{p.name}", daemon=True)
-               for p in profiles[:len(pending)]]
-    for w in workers:
-        w.start()
+    exits = [threading.Event() for _ in profiles[:len(pending)]]
+    for profile, exited in zip(profiles, exits):
+        threading.Thread(target=job.worker, args=(profile, exited), name=f"sweep-{profile.name}", daemon=True).start()
+    # Waiting on events, not Thread.join: a join interrupted by Ctrl-C/SIGTERM marks a thread that
+    # is still running as finished (CPython 3.11), and the interpreter then exits under a worker
+    # inside ONNX Runtime, which aborts the process.
     try:
-        while any(w.is_alive() for w in workers):
-            for w in workers:
-                w.join(timeout=0.2)
+        while not all(e.is_set() for e in exits):
+            next(e for e in exits if not e.is_set()).wait(timeout=0.2)
             if progress is not None:
                 progress(finished + job.done, len(grid))
     except BaseException:                     # Ctrl-C, SIGTERM: workers stop within one inference
         job.stop.set()
-        for w in workers:
-            w.join(timeout=60)
+        for exited in exits:
+            exited.wait(timeout=60)
         raise
     if job.errors:
         raise job.errors[0]

@@ -4,8 +4,9 @@ the recommended setting.
 The rule is tgGBC's: the best setting is the fastest whose mAP is at most ``max_map_drop``
 points (1 point = 0.01 mAP) below the unpruned fp32 baseline's. "Fastest" is the largest
 speedup over the baseline measured in the same interleaved request (paired: robust to the
-load changing between settings); the table also gives each setting's median latency, the x
-axis of the plot.
+load changing between settings). The plot's latency axis and the Pareto front use the same
+figure in milliseconds: the baseline's median divided by the setting's paired speedup; the
+table also gives each setting's raw median latency from its own request.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from edgeprune.sweep.settings import BASELINE, Setting
 from edgeprune.sweep.store import SweepStore
 
 COLUMNS = ("setting", "method", "r", "n", "k", "precision", "mAP", "map_drop_points", "NDS", "latency_ms",
-           "speedup", "speedup_ci", "device", "pareto", "within_budget")
+           "paired_latency_ms", "speedup", "speedup_ci", "device", "pareto", "within_budget")
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,15 @@ def build_table(store: SweepStore, grid: Sequence[Setting], max_map_drop: float)
     base = next(r for r in results if r["setting"]["id"] == f"{BASELINE}-fp32")
     rows = []
     for r in results:
-        s, drop = r["setting"], 100.0 * (base["mAP"] - r["mAP"])
+        s, drop = r["setting"], round(100.0 * (base["mAP"] - r["mAP"]), 9) + 0.0      # no "-0.00"
         rows.append({"setting": s["id"], "method": s["method"], "r": s["r"], "n": s["n"],
                      "k": s["k"] if s["method"] == "tggbc" else "", "precision": s["precision"], "mAP": r["mAP"],
                      "map_drop_points": drop, "NDS": r["NDS"], "latency_ms": r["latency_ms"]["median"],
+                     "paired_latency_ms": base["latency_ms"]["median"] / r["speedup"]["ratio"],
                      "speedup": r["speedup"]["ratio"],
                      "speedup_ci": [r["speedup"]["ci_low"], r["speedup"]["ci_high"]], "device": r["device"],
                      "within_budget": drop <= max_map_drop + 1e-9})
-    for row, front in zip(rows, pareto_front([(row["latency_ms"], row["mAP"]) for row in rows])):
+    for row, front in zip(rows, pareto_front([(row["paired_latency_ms"], row["mAP"]) for row in rows])):
         row["pareto"] = front
     ok = [row for row in rows if row["within_budget"]]
     best = max(ok, key=lambda row: row["speedup"]) if ok else None
@@ -120,20 +122,21 @@ def write_plot(table: SweepTable, path: Path) -> Path:
             for precision, colour in (("fp32", "tab:blue"), ("fp16", "tab:orange")):
                 rows = [r for r in table.rows if r["method"] == method and r["precision"] == precision]
                 if rows:
-                    ax.scatter([r["latency_ms"] for r in rows], [r["mAP"] for r in rows], marker=marker, c=colour,
+                    ax.scatter([r["paired_latency_ms"] for r in rows], [r["mAP"] for r in rows], marker=marker, c=colour,
                                label=f"{method} {precision}", zorder=3)
-        front = sorted((r["latency_ms"], r["mAP"]) for r in table.rows if r["pareto"])
-        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front", zorder=2)
+        front = sorted((r["paired_latency_ms"], r["mAP"]) for r in table.rows if r["pareto"])
+        ax.step([p[0] for p in front], [p[1] for p in front], "k--", where="post", lw=1, label="Pareto front",
+                zorder=2)
         ax.axhspan(table.baseline_map - table.max_map_drop / 100, table.baseline_map, color="tab:green", alpha=0.12,
                    label=f"within {table.max_map_drop:g} mAP pt")
         for r in table.rows:
-            ax.annotate(r["setting"], (r["latency_ms"], r["mAP"]), fontsize=6, xytext=(3, 3),
+            ax.annotate(r["setting"], (r["paired_latency_ms"], r["mAP"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
         if table.recommended is not None:
             best = table.recommended
-            ax.scatter([best["latency_ms"]], [best["mAP"]], s=220, facecolors="none", edgecolors="tab:red",
+            ax.scatter([best["paired_latency_ms"]], [best["mAP"]], s=220, facecolors="none", edgecolors="tab:red",
                        label="recommended", zorder=4)
-        ax.set_xlabel("latency (ms, median)")
+        ax.set_xlabel("latency (ms): baseline median / paired speedup")
         ax.set_ylabel("mAP")
         ax.set_title("sweep: latency vs mAP")
         ax.legend(fontsize="small")
