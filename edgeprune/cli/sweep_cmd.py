@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--n", default="1", metavar="LIST", help="pruning layers (default 1)")
     grid.add_argument("--k", default="all", metavar="LIST", help="tgGBC top queries, 'all' = every query (default all)")
     grid.add_argument("--method", default=DEFAULT_METHODS, metavar="LIST",
-                      help=f"key-reduction methods: tggbc, random, tome (default {DEFAULT_METHODS})")
+                      help=f"key-reduction methods: {', '.join(key_methods())} (default {DEFAULT_METHODS})")
     grid.add_argument("--precision", default="fp32", metavar="LIST", help="fp32, fp16 (default fp32)")
     grid.add_argument("--seed", type=int, default=0, help="random pruning's subset seed (default 0)")
     parser.add_argument("--max-map-drop", type=float, default=1.0, metavar="P",

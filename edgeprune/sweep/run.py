@@ -13,7 +13,9 @@ Host work (rewrites and evaluation) takes one lock, and so does timing on a ``lo
 a measurement never shares this machine's cores with another setting's rewrite or
 evaluation. On SSH boards the host evaluates the next setting while a board times its
 current one. Accuracy is the host's (CPU) figure for the file the board runs; latency is the
-board's.
+board's. The timing runs are not reused for the evaluation: the agent times one input set
+(seeded or ``.npz``) and the evaluation needs every scene, so a setting costs about
+``scenes + 2 * (warmup + repeats)`` inferences (default 24 for the timing).
 """
 from __future__ import annotations
 
