@@ -175,3 +175,24 @@ def describe_model(path: str | os.PathLike, *, overrides: Sequence[str] | None =
     sizes = decoder_sizes(index, structure, model)
     estimate = estimate_tggbc(sizes, r, n if n is not None else 1, k) if r is not None else None
     return ModelDescription(str(path), structure, sizes, decoder_flops(sizes), estimate)
+
+
+def rewrite_recorded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` carries edgeprune's rewrite record (``edgeprune rewrite`` made it)."""
+    from edgeprune.graph.files import load_model
+    from edgeprune.passes.driver import REWRITE_KEY
+
+    model = load_model(path, load_external_data=False)
+    return any(p.key == REWRITE_KEY for p in model.metadata_props)
+
+
+def graph_flops(path: str | os.PathLike) -> int | None:
+    """Decoder FLOPs of the graph at ``path`` as it is (what ``inspect`` prints as its total);
+    None when discovery finds no decoder there (the bench then prints no ideal for it)."""
+    from edgeprune.errors import EdgepruneError
+
+    try:
+        return describe_model(path).flops.total
+    except EdgepruneError as exc:
+        log.info("no FLOPs for %s: %s", path, str(exc).splitlines()[0])
+        return None
