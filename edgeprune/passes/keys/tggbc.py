@@ -38,7 +38,6 @@ from edgeprune.errors import InvalidModelError, ParameterError, PatternNotFoundE
 from edgeprune.methods.tggbc import CLASS_REDUCTIONS, TgGBCConfig, schedule     # torch-free: config and schedule
 from edgeprune.graph.edit import BOOL, FLOAT, GraphEditor, WorkingModel, model_opset
 from edgeprune.graph.shapes import tensor_info
-from edgeprune.passes.keys import rows
 from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
                                       key_counts_from_args)
 from edgeprune.passes.discovery.structure import ClassHead, DecoderLayer, DecoderStructure, MaskInput
@@ -188,29 +187,17 @@ def _query_weights(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan) -
     cfg, b, nq = plan.config, plan.batch, plan.num_queries
     if not cfg.use_class_score and cfg.k <= 0:
         return ed.const("ones", np.ones((b, nq), dtype=np.float32))
-    conf = _confidence(ed, layer, plan)
+    logits = ed.reshape(_layer_logits(ed, layer, plan.class_head), "logits", b, nq, -1)   # [B, Nq, C]
+    reduce_op = {"max": "ReduceMax", "mean": "ReduceMean", "min": "ReduceMin"}[cfg.class_reduce]
+    conf = ed.op("Sigmoid", [ed.reduce(reduce_op, logits, -1, "class_reduce")], "confidence")   # [B, Nq]
     weights = conf if cfg.use_class_score else ed.const("ones", np.ones((b, nq), dtype=np.float32))
     if cfg.k > 0:
-        _, top = _top_queries(ed, conf, cfg.k)
+        _, top = ed.op("TopK", [conf, ed.ints("k", cfg.k)], "top_queries", outputs=2, axis=-1, largest=1, sorted=1)
         chosen = ed.op("ScatterElements", [ed.const("zeros", np.zeros((b, nq), dtype=np.float32)), top,
                                            ed.const("ones", np.ones((b, cfg.k), dtype=np.float32))],
                        "query_mask", axis=1)                                    # [B, Nq] 0/1
         weights = ed.op("Mul", [weights, chosen], "weights")
     return weights
-
-
-def _confidence(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan) -> Any:
-    """c = sigmoid(reduce over classes of layer ``layer``'s logits): [B, Nq]."""
-    cfg, b, nq = plan.config, plan.batch, plan.num_queries
-    logits = ed.reshape(_layer_logits(ed, layer, plan.class_head), "logits", b, nq, -1)   # [B, Nq, C]
-    reduce_op = {"max": "ReduceMax", "mean": "ReduceMean", "min": "ReduceMin"}[cfg.class_reduce]
-    return ed.op("Sigmoid", [ed.reduce(reduce_op, logits, -1, "class_reduce")], "confidence")
-
-
-def _top_queries(ed: GraphEditor, conf: Any, k: int) -> tuple[Any, Any]:
-    """(c, index) of the k most confident queries, descending: [B, k] each."""
-    values, top = ed.op("TopK", [conf, ed.ints("k", k)], "top_queries", outputs=2, axis=-1, largest=1, sorted=1)
-    return values, top
 
 
 def _layer_logits(ed: GraphEditor, layer: DecoderLayer, head: ClassHead | None) -> Any:
@@ -254,21 +241,11 @@ def _importance(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan, keys
 
     Summing queries per head first (one batched vector-matrix product over the contiguous
     probabilities) reads them once; a ReduceMean over the head axis first is several times
-    slower in ONNX Runtime on 24000 keys. With k > 0 and the layer's scores computed as
-    MatMul(Q, K^T) -> Softmax, only the top-k queries' rows are recomputed and summed
-    (:mod:`edgeprune.passes.keys.rows`) instead of reading all Nq rows.
+    slower in ONNX Runtime on 24000 keys.
     """
-    b, nq, k = plan.batch, plan.num_queries, plan.config.k
-    chain = rows.find_score_chain(ed, layer, nq) if k > 0 else None
-    if chain is not None:
-        conf = _confidence(ed, layer, plan)
-        values, top = _top_queries(ed, conf, k)
-        weights = values if plan.config.use_class_score else ed.const("ones", np.ones((b, k), dtype=np.float32))
-        probs, heads = rows.top_rows(ed, chain, top, b, layer.probs.num_heads, k), layer.probs.num_heads
-        weights = ed.reshape(weights, "weights_4d", b, 1, 1, k)
-    else:
-        probs, heads = _per_head_probs(ed, layer, plan, keys)                    # [B, h, Nq, Nk_l]
-        weights = ed.reshape(_query_weights(ed, layer, plan), "weights_4d", b, 1, 1, nq)
+    b, nq = plan.batch, plan.num_queries
+    probs, heads = _per_head_probs(ed, layer, plan, keys)                        # [B, h, Nq, Nk_l]
+    weights = ed.reshape(_query_weights(ed, layer, plan), "weights_4d", b, 1, 1, nq)
     per_head = ed.op("MatMul", [weights, probs], "per_head_importance")        # [B, h, 1, Nk_l]
     if heads == 1:
         return ed.reshape(per_head, "scores", b, keys)
