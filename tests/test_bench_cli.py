@@ -208,3 +208,22 @@ def test_ideal_speedup_of_a_rewritten_model_is_inspects_ratio(n, k, tmp_path, ca
     with open(tmp_path / "r.csv", newline="") as f:
         rows = {r["model"]: r for r in csv.DictReader(f)}
     assert float(rows["pruned"]["ideal_speedup"]) == ideal["ideal"] and rows["base"]["ideal_speedup"] == "1.0"
+
+
+def test_no_ideal_speedup_for_more_than_a_decoder(tmp_path):
+    """A graph with a backbone (a Conv, or the exporter's scope "full") gets no FLOPs: only the decoder's are counted."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import handwritten_decoder as hd
+    from edgeprune.report.describe import decoder_alone, graph_flops
+
+    conv = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "backbone",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [1.0])]))
+    onnx.save(conv, str(tmp_path / "conv.onnx"))
+    assert not decoder_alone(conv) and graph_flops(tmp_path / "conv.onnx") is None
+    decoder = hd.exported("hand", "torchscript", True)
+    assert decoder_alone(onnx.load(str(decoder))) and graph_flops(decoder) > 0
