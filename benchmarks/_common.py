@@ -209,34 +209,60 @@ class Row:
     stats: Any                      # edgeprune.runners.stats.LatencyStats
     baseline: Optional[str]         # the baseline's label
     speedup: Any                    # edgeprune.runners.stats.Speedup or None
+    ideal: Optional[float] = None   # decoder FLOPs(baseline) / FLOPs(model), as `edgeprune inspect` counts them
+
+    @property
+    def efficiency(self) -> Optional[float]:
+        """measured / ideal speedup (None when either is unknown)."""
+        return self.speedup.ratio / self.ideal if self.speedup is not None and self.ideal else None
 
 
-def rows(report: Any, labels: Mapping[str, str], baselines: Mapping[str, str]) -> List[Row]:
-    """Table rows; each speedup is a paired bootstrap over the interleaved rounds against its baseline."""
+def report_flops(report: Any) -> Dict[str, int]:
+    """Model name -> decoder FLOPs, as ``edgeprune bench`` counted them for its ideal speedups
+    (it does when a model carries edgeprune's rewrite record); {} otherwise."""
+    out: Dict[str, int] = {}
+    for i in report.ideal:
+        out[i.name], out[i.baseline] = i.flops, i.baseline_flops
+    return out
+
+
+def rows(report: Any, labels: Mapping[str, str], baselines: Mapping[str, str],
+         flops: Optional[Mapping[str, Optional[int]]] = None) -> List[Row]:
+    """Table rows; each speedup is a paired bootstrap over the interleaved rounds against its baseline.
+
+    ``flops`` (model name -> decoder FLOPs; default: :func:`report_flops`) gives each row its
+    FLOPs-ideal speedup against the same baseline.
+    """
     from edgeprune.runners.stats import speedup
 
+    flops = report_flops(report) if flops is None else flops
     by_name = {m.name: m for m in report.models}
     out = []
     for m in report.models:
         base = baselines.get(m.name)
-        sp = None
+        sp, ideal = None, None
         if base is not None:
             sp = speedup(by_name[base].samples_ms, m.samples_ms, name=m.name, baseline_name=base, paired=True)
-        out.append(Row(labels.get(m.name, m.name), m.name, m.stats, labels.get(base, base) if base else None, sp))
+            if flops.get(base) and flops.get(m.name):
+                ideal = flops[base] / flops[m.name]
+        out.append(Row(labels.get(m.name, m.name), m.name, m.stats, labels.get(base, base) if base else None, sp,
+                       ideal))
     return out
 
 
 def table(rows_: Sequence[Row], extra: Optional[Mapping[str, Sequence[str]]] = None,
           extra_header: Sequence[str] = ()) -> List[str]:
-    """Markdown table: median, its CI, p90, std, runs, speedup with CI and run-time change."""
+    """Markdown table: median, its CI, p90, std, runs, speedup with CI, the FLOPs-ideal speedup,
+    measured / ideal, and run-time change."""
     head = ["model", "median ms", "95% CI of the median", "p90 ms", "std ms", "runs", "speedup (95% CI)",
-            "time change", *extra_header]
+            "ideal", "measured / ideal", "time change", *extra_header]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows_:
         s, sp = r.stats, r.speedup
         cells = [r.label, f"{s.median:.1f}", f"[{s.ci_low:.1f}, {s.ci_high:.1f}]", f"{s.p90:.1f}", f"{s.std:.1f}",
                  str(s.n),
                  f"{sp.ratio:.2f}x [{sp.ci_low:.2f}, {sp.ci_high:.2f}] vs {r.baseline}" if sp else "baseline",
+                 f"{r.ideal:.2f}x" if r.ideal else "-", f"{r.efficiency:.2f}" if r.efficiency else "-",
                  f"{(1 / sp.ratio - 1) * 100:+.1f}%" if sp else "-", *((extra or {}).get(r.model, ()))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -9,7 +9,8 @@ kept, only on how many: for StreamPETR the kept set is split between learned and
 queries in the GPQ paper's proportion (644 -> 236 and 256 -> 64 for 900 -> 300).
 
 Writes ``<out>/gpq_<preset>_b<batch>.json`` (the full benchmark report plus FLOPs and kept
-indices) and ``.md`` (a table with medians, 95% CIs and speedups with CIs).
+indices) and ``.md`` (a table with medians, 95% CIs, speedups with CIs, the FLOPs-ideal speedup and
+measured / ideal).
 
     .venv/bin/python benchmarks/bench_gpq.py --preset streampetr-r50-704x256
 """
@@ -112,18 +113,23 @@ def markdown(report: Any, facts: dict[str, Any], args: argparse.Namespace, machi
              f"{facts['num_layers']} decoder layer(s), {facts['num_keys']} keys, {args.exporter} export; "
              "runs interleaved (rounds of one run per model, in the table's order)", "",
              f"| queries | kept (learned + propagated) | GFLOPs | FLOPs vs {facts['queries'][0]} | median ms | "
-             f"{level:.0%} CI ms | speedup | speedup 95% CI | run time change |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{level:.0%} CI ms | speedup | speedup 95% CI | ideal | measured / ideal | run time change |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base_flops = facts["flops"][0]
     for m, q, f in zip(report.models, facts["queries"], facts["flops"]):
-        s, sp = m.stats, speedups.get(m.name)
+        s, sp, ideal = m.stats, speedups.get(m.name), report.ideal_for(m.name)
+        eff = ideal.efficiency if ideal is not None else None
         learned = sum(1 for i in facts["kept"].get(q, range(q)) if i < facts["learned"])
         split = f"{learned} + {q - learned}" if facts["propagated"] else f"{q}"
         change = f"{(1 / sp.ratio - 1) * 100:+.1f}%" if sp else "baseline"
         lines.append(f"| {q} | {split} | {f / 1e9:.2f} | {(f / base_flops - 1) * 100:+.1f}% | {s.median:.2f} | "
                      f"[{s.ci_low:.2f}, {s.ci_high:.2f}] | {f'{sp.ratio:.2f}x' if sp else '1.00x'} | "
-                     f"{f'[{sp.ci_low:.2f}, {sp.ci_high:.2f}]' if sp else '-'} | {change} |")
-    lines += ["", f"{report.models[0].stats.n} timed runs per model (interleaved), warm-up {args.warmup}. "
+                     f"{f'[{sp.ci_low:.2f}, {sp.ci_high:.2f}]' if sp else '-'} | "
+                     f"{f'{ideal.ideal:.2f}x' if ideal else ('1.00x' if m is report.models[0] else '-')} | "
+                     f"{f'{eff:.2f}' if eff else '-'} | {change} |")
+    lines += ["", "ideal: decoder FLOPs of the 900-query model / this model's, as `edgeprune inspect` counts each "
+              "graph (`edgeprune bench` prints the same); measured / ideal = speedup / ideal.",
+              "", f"{report.models[0].stats.n} timed runs per model (interleaved), warm-up {args.warmup}. "
               "GPQ paper (Jetson Nano, whole StreamPETR model): 900 -> 300 run time -39.74%, 900 -> 150 -47.96%."]
     return "\n".join(lines) + "\n"
 

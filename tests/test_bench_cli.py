@@ -179,3 +179,51 @@ def test_precision_detection_agrees_with_the_converter(models, tmp_path):
     for path in (paths["a"], paths["half"], converted):
         assert (model_precision(path) == "fp16") == is_fp16(onnx.load(str(path)))
     assert model_precision(converted) == "fp16" and model_precision(paths["a"]) == "fp32"
+
+
+@pytest.mark.parametrize("n,k", [(1, 0), (2, 10)])
+def test_ideal_speedup_of_a_rewritten_model_is_inspects_ratio(n, k, tmp_path, capsys):
+    """bench's ideal column (table, JSON, CSV) is `inspect --r/--n/--k`'s ideal speedup of the input."""
+    import csv
+    import shutil
+
+    import handwritten_decoder as hd
+
+    src = tmp_path / "base.onnx"
+    shutil.copyfile(hd.exported("hand", "torchscript", True), src)
+    pruned = tmp_path / "pruned.onnx"
+    assert cli_main.main(["rewrite", str(src), "-o", str(pruned), "--method", "tggbc", "--r", "30", "--n", str(n),
+                          "--k", str(k), "--no-verify"]) == 0
+    capsys.readouterr()
+    assert cli_main.main(["inspect", str(src), "--r", "30", "--n", str(n), "--k", str(k), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["pruning"]["ideal_speedup"]
+    code, out, err = _bench(capsys, src, pruned, "--repeats", "3", "--warmup", "0", "--threads", "1",
+                            "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv")
+    assert code == 0, err
+    [ideal] = json.loads((tmp_path / "r.json").read_text())["ideal_speedups"]
+    assert ideal["ideal"] == pytest.approx(expected, rel=0.01) and ideal["ideal"] > 1.05
+    assert ideal["measured_over_ideal"] == pytest.approx(ideal["measured"] / ideal["ideal"])
+    row = next(line.split() for line in out.splitlines() if line.startswith("pruned"))
+    assert row[-2:] == [f"{ideal['ideal']:.2f}x", f"{ideal['measured_over_ideal']:.2f}"]
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert float(rows["pruned"]["ideal_speedup"]) == ideal["ideal"] and rows["base"]["ideal_speedup"] == "1.0"
+
+
+def test_no_ideal_speedup_for_more_than_a_decoder(tmp_path):
+    """A graph with a backbone (a Conv, or the exporter's scope "full") gets no FLOPs: only the decoder's are counted."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import handwritten_decoder as hd
+    from edgeprune.report.describe import decoder_alone, graph_flops
+
+    conv = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "backbone",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [1.0])]))
+    onnx.save(conv, str(tmp_path / "conv.onnx"))
+    assert not decoder_alone(conv) and graph_flops(tmp_path / "conv.onnx") is None
+    decoder = hd.exported("hand", "torchscript", True)
+    assert decoder_alone(onnx.load(str(decoder))) and graph_flops(decoder) > 0

@@ -2,7 +2,8 @@
 
 Several models are timed interleaved (m1, m2, m1, m2, ...) in one process, so drift of the
 board (thermal throttling, other load) hits them alike, and each one's speedup against the
-first is reported with a bootstrap confidence interval.
+first is reported with a bootstrap confidence interval. Models rewritten by edgeprune also get
+their FLOPs-ideal speedup (as `inspect` counts FLOPs) and measured / ideal.
 
 examples:
   edgeprune bench model.onnx

@@ -175,3 +175,42 @@ def describe_model(path: str | os.PathLike, *, overrides: Sequence[str] | None =
     sizes = decoder_sizes(index, structure, model)
     estimate = estimate_tggbc(sizes, r, n if n is not None else 1, k) if r is not None else None
     return ModelDescription(str(path), structure, sizes, decoder_flops(sizes), estimate)
+
+
+def rewrite_recorded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` carries edgeprune's rewrite record (``edgeprune rewrite`` made it)."""
+    from edgeprune.graph.files import load_model
+    from edgeprune.passes.driver import REWRITE_KEY
+
+    model = load_model(path, load_external_data=False)
+    return any(p.key == REWRITE_KEY for p in model.metadata_props)
+
+
+def decoder_alone(model: Any) -> bool:
+    """Whether ``model`` is a decoder alone, so its decoder FLOPs are all it computes (to count).
+
+    The exporter's record says its scope; without one, a Conv means a backbone is in the graph.
+    """
+    from edgeprune.export.decoder_map import read_decoder_map
+
+    dmap = read_decoder_map(model)
+    if dmap is not None:
+        return dmap.scope == "decoder"
+    return not any(n.op_type == "Conv" for n in model.graph.node)
+
+
+def graph_flops(path: str | os.PathLike) -> int | None:
+    """Decoder FLOPs of the decoder graph at ``path`` as it is (what ``inspect`` prints as its
+    total). None when discovery finds no decoder there, or when the graph holds more than the
+    decoder (a whole detector: its backbone is not counted, so the ratio would mean nothing)."""
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.graph.files import load_model
+
+    if not decoder_alone(load_model(path, load_external_data=False)):
+        log.info("no FLOPs for %s: it is more than a decoder (only decoder FLOPs are counted)", path)
+        return None
+    try:
+        return describe_model(path).flops.total
+    except EdgepruneError as exc:
+        log.info("no FLOPs for %s: %s", path, str(exc).splitlines()[0])
+        return None

@@ -25,7 +25,7 @@ from edgeprune.io import read_npz
 from edgeprune.runners.factory import Runner, get_runner
 from edgeprune.runners.precision import plan_models
 from edgeprune.runners.profile import graph_node_layers
-from edgeprune.runners.results import BenchReport, ModelSpec, build_report
+from edgeprune.runners.results import BenchReport, IdealSpeedup, ModelSpec, build_report
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,29 @@ def run_bench(specs: Sequence[ModelSpec], options: BenchOptions, runner: Runner,
     log.debug("request: %s (%d timed runs at most)", request, total)
     result = runner.run(request)
     node_layers = _profile_layers(specs) if options.profile else {}
-    return build_report(result, specs, device=device, request=request, node_layers=node_layers,
-                        compare_anyway=options.compare_anyway)
+    report = build_report(result, specs, device=device, request=request, node_layers=node_layers,
+                          compare_anyway=options.compare_anyway)
+    return replace(report, ideal=ideal_speedups(report, specs))
+
+
+def ideal_speedups(report: BenchReport, specs: Sequence[ModelSpec]) -> tuple[IdealSpeedup, ...]:
+    """FLOPs-ideal speedups vs the first model, when some model carries edgeprune's rewrite record.
+
+    FLOPs come from ``inspect``'s count of each graph as it is (:func:`edgeprune.report.describe.graph_flops`,
+    read while the fp16 copies exist); models whose decoder discovery does not find get none.
+    Without onnx, or without a rewritten model among ``specs``, there is nothing to compare.
+    """
+    if len(specs) < 2 or not available("onnx"):
+        return ()
+    from edgeprune.report.describe import graph_flops, rewrite_recorded
+
+    if not any(rewrite_recorded(s.path) for s in specs):
+        return ()
+    flops = [graph_flops(s.path) for s in specs]
+    measured = {s.name: s.ratio for s in report.speedups}
+    base = specs[0]
+    return tuple(IdealSpeedup(s.name, base.name, f, flops[0], flops[0] / f, measured.get(s.name))
+                 for s, f in zip(specs[1:], flops[1:]) if f and flops[0])
 
 
 def _profile_layers(specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:

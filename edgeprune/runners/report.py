@@ -18,7 +18,7 @@ from edgeprune.io import STDOUT, atomic_path, write_report
 from edgeprune.runners.results import BenchReport
 
 CSV_COLUMNS = ("device", "hostname", "machine", "ort_version", "providers", "threads", "model", "precision",
-               "sha256", "phase", "index", "start_s", "latency_ms")
+               "sha256", "decoder_flops", "ideal_speedup", "phase", "index", "start_s", "latency_ms")
 
 
 def _ms(x: float) -> str:
@@ -43,7 +43,7 @@ def format_environment(report: BenchReport) -> str:
 def _table_rows(report: BenchReport) -> list[list[str]]:
     level = report.models[0].stats.ci_level
     header = ["model", "prec", "n", "median ms", f"CI {min(level, 0.95):.0%}", "min", "mean", "p90", "p99",
-              "std", "speedup", "speedup CI"]
+              "std", "speedup", "speedup CI"] + (["ideal", "meas/ideal"] if report.ideal else [])
     rows = [header]
     speedups = {s.name: s for s in report.speedups}
     for m in report.models:
@@ -53,8 +53,31 @@ def _table_rows(report: BenchReport) -> list[list[str]]:
             m.name, m.spec.precision or "-", str(s.n), _ms(s.median), f"[{_ms(s.ci_low)}, {_ms(s.ci_high)}]",
             _ms(s.min), _ms(s.mean), _ms(s.p90), _ms(s.p99), _ms(s.std),
             *_speedup_cells(sp, m is report.models[0], len(report.models)),
+            *(_ideal_cells(report, m.name, m is report.models[0]) if report.ideal else []),
         ])
     return rows
+
+
+def _ideal_cells(report: BenchReport, name: str, is_base: bool) -> list[str]:
+    """(FLOPs-ideal speedup, measured / ideal) cells; "-" where the FLOPs or the ratio are unknown."""
+    if is_base:
+        return ["1.00x", "-"]
+    ideal = report.ideal_for(name)
+    if ideal is None:
+        return ["-", "-"]
+    eff = ideal.efficiency
+    return [f"{ideal.ideal:.2f}x", "-" if eff is None else f"{eff:.2f}"]
+
+
+def _flops_columns(report: BenchReport, name: str) -> dict[str, str]:
+    """CSV's decoder_flops / ideal_speedup of one model (empty when the bench counted none)."""
+    if not report.ideal:
+        return {"decoder_flops": "", "ideal_speedup": ""}
+    if name == report.models[0].name:
+        return {"decoder_flops": str(report.ideal[0].baseline_flops), "ideal_speedup": "1.0"}
+    ideal = report.ideal_for(name)
+    return ({"decoder_flops": str(ideal.flops), "ideal_speedup": repr(ideal.ideal)} if ideal is not None
+            else {"decoder_flops": "", "ideal_speedup": ""})
 
 
 def _speedup_cells(sp: Any, is_base: bool, count: int) -> list[str]:
@@ -78,6 +101,9 @@ def format_table(report: BenchReport) -> str:
         lines.append("  ".join(cells).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if report.ideal:
+        lines.append("ideal: decoder FLOPs of the first model / FLOPs of this one (as `edgeprune inspect` counts "
+                     "them); meas/ideal = speedup / ideal")
     if any(s.ci_level < 0.95 for s in (m.stats for m in report.models)):
         lines.append("note: fewer than 6 samples: the median CI is [min, max] with coverage below 95 %")
     return "\n".join(lines)
@@ -96,7 +122,8 @@ def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
               "threads": env.get("threads") if env.get("threads") is not None else ""}
     rows: list[dict[str, Any]] = []
     for m in report.models:
-        base = dict(common, model=m.name, precision=m.spec.precision or "", sha256=m.sha256)
+        base = dict(common, model=m.name, precision=m.spec.precision or "", sha256=m.sha256,
+                    **_flops_columns(report, m.name))
         rows += [dict(base, phase="warmup", index=i, start_s="", latency_ms=repr(x)) for i, x in enumerate(m.warmup_ms)]
         starts: Sequence[Any] = m.sample_start_s or [""] * len(m.samples_ms)
         rows += [dict(base, phase="timed", index=i, start_s=repr(t) if t != "" else "", latency_ms=repr(x))

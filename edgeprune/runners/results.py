@@ -66,6 +66,28 @@ class ModelResult:
 
 
 @dataclass(frozen=True)
+class IdealSpeedup:
+    """The FLOPs-ideal speedup of ``name`` over ``baseline`` beside the measured one.
+
+    ``ideal`` is decoder FLOPs(baseline) / FLOPs(name), counted by ``edgeprune inspect``'s
+    :mod:`edgeprune.report.flops` from each graph as it is: the speedup if run time followed
+    FLOPs exactly, the limit for these matmul-bound decoders on a CPU.
+    """
+
+    name: str
+    baseline: str
+    flops: int
+    baseline_flops: int
+    ideal: float
+    measured: float | None           # the bench's median ratio (None: not comparable)
+
+    @property
+    def efficiency(self) -> float | None:
+        """measured / ideal: 1.0 means run time shrank exactly as FLOPs did."""
+        return None if self.measured is None else self.measured / self.ideal
+
+
+@dataclass(frozen=True)
 class BenchReport:
     """Everything one ``edgeprune bench`` produced; :meth:`to_dict` is the ``--json`` content."""
 
@@ -76,6 +98,10 @@ class BenchReport:
     speedups: tuple[Speedup, ...]            # models[1:] against models[0]
     interleaved: bool
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    ideal: tuple[IdealSpeedup, ...] = field(default_factory=tuple)   # models[1:] with FLOPs on both sides
+
+    def ideal_for(self, name: str) -> IdealSpeedup | None:
+        return next((i for i in self.ideal if i.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
         models = []
@@ -92,7 +118,8 @@ class BenchReport:
             models.append(entry)
         return {"edgeprune_version": __version__, "device": self.device, "env": self.env,
                 "request": self.request, "interleaved": self.interleaved, "models": models,
-                "speedups": [asdict(s) for s in self.speedups], "warnings": list(self.warnings)}
+                "speedups": [asdict(s) for s in self.speedups], "warnings": list(self.warnings),
+                "ideal_speedups": [dict(asdict(i), measured_over_ideal=i.efficiency) for i in self.ideal]}
 
 
 def raise_for_error(result: dict[str, Any], device: str) -> None:
