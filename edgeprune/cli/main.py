@@ -1,7 +1,8 @@
 """``edgeprune`` entry point: dispatches to one module per subcommand.
 
 A subcommand module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``. Adding a command = one new module + one entry in ``COMMANDS``.
+``run(args) -> int``. Adding a command = one new module + one entry in ``COMMANDS`` (the module
+name with ``_`` where the command has ``-``: ``train_demo`` -> ``train-demo``).
 Modules must import heavy dependencies (torch, onnx) inside ``run`` so that
 ``edgeprune --help`` works on a board with only the runtime install.
 """
@@ -32,6 +33,7 @@ COMMANDS: tuple[str, ...] = (
     "eval",
     "compare",
     "sweep",
+    "train_demo",
 )
 
 log = logging.getLogger("edgeprune")

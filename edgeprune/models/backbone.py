@@ -7,7 +7,8 @@ the usual ResNet layout (``conv1``, ``bn1``, ``layer1`` .. ``layer4``, blocks wi
 ResNet state dict maps onto ``backbone.*`` by prefixing. The Bottleneck puts its stride on
 the 3x3 conv (ResNet v1.5, as torchvision and mmdet's ``style='pytorch'``).
 
-Only ResNets are implemented for whole-model export; VoVNet presets work with
+``resnet-tiny`` (the ``demo`` preset's) is ResNet-18 at an eighth of its width with one block per
+stage. Only ResNets are implemented for whole-model export; VoVNet presets work with
 ``--scope decoder`` (the backbone name then only fixes the key count).
 """
 from __future__ import annotations
@@ -80,18 +81,19 @@ class ResNet(nn.Module):
     must be multiples of 32 so that C5 upsampled x2 lines up with C4.
     """
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int]) -> None:
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int],
+                 widths: tuple[int, int, int, int] = (64, 128, 256, 512)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self._cin = 64
-        self.layer1 = self._make_layer(block, 64, depths[0], 1)
-        self.layer2 = self._make_layer(block, 128, depths[1], 2)
-        self.layer3 = self._make_layer(block, 256, depths[2], 2)
-        self.layer4 = self._make_layer(block, 512, depths[3], 2)
-        self.out_channels = (256 * block.expansion, 512 * block.expansion)  # (C4, C5)
+        self._cin = widths[0]
+        self.layer1 = self._make_layer(block, widths[0], depths[0], 1)
+        self.layer2 = self._make_layer(block, widths[1], depths[1], 2)
+        self.layer3 = self._make_layer(block, widths[2], depths[2], 2)
+        self.layer4 = self._make_layer(block, widths[3], depths[3], 2)
+        self.out_channels = (widths[2] * block.expansion, widths[3] * block.expansion)  # (C4, C5)
         self._init_weights()
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], width: int, depth: int,
@@ -148,6 +150,12 @@ def resnet18() -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2))
 
 
+def resnet_tiny() -> ResNet:
+    """ResNet-18's shape at an eighth of its widths (16..128 channels, one block per stage):
+    the demo detector's backbone, small enough to train from scratch on two CPU cores."""
+    return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128))
+
+
 def resnet50() -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3))
 
@@ -158,6 +166,7 @@ def resnet101() -> ResNet:
 
 BACKBONES: dict[str, Callable[[], ResNet]] = {
     "resnet18": resnet18,
+    "resnet-tiny": resnet_tiny,
     "resnet50": resnet50,
     "resnet101": resnet101,
 }

@@ -60,11 +60,13 @@ def init_head(head: PETRHead) -> None:
 
 def build_model(preset: ModelPreset | str, scope: str = "decoder", *, seed: int = 0,
                 checkpoint: str | None = None, attention: str | None = None,
-                num_layers: int | None = None) -> ExportableModel:
+                num_layers: int | None = None, shipped_weights: bool = True) -> ExportableModel:
     """Build ``preset`` at ``scope`` ("decoder": PETRHead alone; "full": images -> detections).
 
     Weights are seeded random unless ``checkpoint`` names a state dict (see
-    :mod:`edgeprune.models.checkpoint` for the key names). The model is in eval mode.
+    :mod:`edgeprune.models.checkpoint` for the key names) or the preset ships trained weights
+    (``preset.weights``, e.g. ``demo``; ``shipped_weights=False`` skips them, as training
+    from scratch does). The model is in eval mode.
     """
     if scope not in SCOPES:
         raise UserError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}")
@@ -80,6 +82,9 @@ def build_model(preset: ModelPreset | str, scope: str = "decoder", *, seed: int 
     if checkpoint is not None:
         from edgeprune.models.checkpoint import load_checkpoint
         load_checkpoint(model, checkpoint)
+    elif shipped_weights and resolved.weights:
+        from edgeprune.models.checkpoint import load_shipped_weights
+        load_shipped_weights(model, resolved.weights)
     log.debug("built %s (%s scope, seed %d, %d parameters)", resolved.name, scope, seed,
               sum(p.numel() for p in model.parameters()))
     return model.eval()

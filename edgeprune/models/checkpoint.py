@@ -114,9 +114,36 @@ def _num_layers(keys: Iterable[str]) -> int:
     return len({k.split(".")[2] for k in keys if k.startswith("head.layers.")})
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the state dict at ``path`` into ``model`` (strict); return ``model``."""
-    state = read_state_dict(path)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def shipped_weights_path(name: str) -> Path:
+    """The file of trained weights ``name`` shipped in the package (``edgeprune/models/weights``)."""
+    path = WEIGHTS_DIR / name
+    if not path.is_file():
+        raise ModelNotFoundError(f"the shipped weights {name} are missing from {WEIGHTS_DIR}; reinstall edgeprune, "
+                                 "or pass --checkpoint PATH (train one with edgeprune train-demo)")
+    return path
+
+
+def load_shipped_weights(model: nn.Module, name: str) -> nn.Module:
+    """Load shipped whole-model weights (stored in fp16 to keep the wheel small; loaded as fp32).
+
+    A decoder-scope model takes the ``head.*`` part of them.
+    """
+    state = read_state_dict(shipped_weights_path(name))
+    if getattr(model, "scope", "") == "decoder":
+        state = {k: v for k, v in state.items() if k.startswith("head.")}
+    return load_checkpoint(model, shipped_weights_path(name), state)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike,
+                    state: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Load the state dict at ``path`` (or ``state``, read from it) into ``model`` (strict); return ``model``.
+
+    Tensors of another floating dtype (an fp16 checkpoint) are cast to the model's.
+    """
+    state = read_state_dict(path) if state is None else state
     problem = mismatch_report(model, state)
     if problem is not None:
         name = getattr(getattr(model, "preset", None), "name", type(model).__name__)

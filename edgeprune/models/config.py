@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 ATTENTION_IMPLS = ("manual", "torch")
 # Backbones implemented for whole-model (--scope full) export; kept here, torch-free, so that
 # listing presets needs no torch. edgeprune.models.backbone.BACKBONES must match (tested).
-WHOLE_MODEL_BACKBONES = ("resnet18", "resnet50", "resnet101")
+WHOLE_MODEL_BACKBONES = ("resnet18", "resnet-tiny", "resnet50", "resnet101")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class ModelPreset:
     num_cameras: int = 6
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     description: str = ""
+    # Trained weights shipped in edgeprune/models/weights/ (file name), loaded by default; "" = seeded random.
+    weights: str = ""
+    neck_kernel: int = 3          # the FPN neck's smoothing conv (PETR's CPFPN: 3x3)
 
     @property
     def feature_size(self) -> tuple[int, int]:

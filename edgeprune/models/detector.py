@@ -53,7 +53,7 @@ class PETRDetector(ExportableModel):
         super().__init__(preset, head)
         embed = preset.decoder.embed_dims
         self.backbone = build_backbone(preset.backbone, preset.name)
-        self.neck = FPNNeck(self.backbone.out_channels, embed)
+        self.neck = FPNNeck(self.backbone.out_channels, embed, preset.neck_kernel)
         self.position_encoder = PositionEncoder(preset.image_size, embed, num_cameras=preset.num_cameras)
 
     def input_names(self) -> list[str]:
