@@ -91,6 +91,7 @@ def _mean_loss(model: torch.nn.Module, data) -> float:
         return float(set_loss(*model(images), targets, data.pc_range)[0])
 
 
+@pytest.mark.slow
 def test_training_steps_reduce_the_loss(tiny_scenes: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(data=str(tiny_scenes), output=str(tmp_path / "w.pt"), state=str(tmp_path / "s.pt"),
                       model=TINY, steps=40, lr=1e-3, batch=2, geometry_steps=5, warmup=1)
@@ -114,3 +115,33 @@ def test_train_resumes_and_writes_fp16_weights_that_load(tiny_scenes: Path, tmp_
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
     loaded = build_model(TINY, "full", checkpoint=str(tmp_path / "w.pt"))
     assert torch.equal(loaded.head.reference_points.weight, weights["head.reference_points.weight"].float())
+
+
+def test_shipped_weights_load_in_both_scopes(tiny_scenes: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset naming shipped weights loads them (fp16 file, fp32 model); a decoder takes head.*."""
+    from dataclasses import replace
+
+    from edgeprune.models import checkpoint
+    train(TrainConfig(data=str(tiny_scenes), output=str(tmp_path / "w.pt"), state=str(tmp_path / "s.pt"),
+                      model=TINY, steps=1, geometry_steps=1, grow_step=1))
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)
+    shipped = replace(TINY, weights="w.pt")
+    weights = torch.load(tmp_path / "w.pt", weights_only=True)
+    model = build_model(shipped, "full")
+    assert torch.equal(model.head.reference_points.weight, weights["head.reference_points.weight"].float())
+    decoder = build_model(shipped, "decoder")
+    assert torch.equal(decoder.head.layers[0].ffn[0].weight, weights["head.layers.0.ffn.0.weight"].float())
+    assert not torch.equal(build_model(TINY, "full").head.reference_points.weight, model.head.reference_points.weight)
+
+
+@pytest.mark.slow
+def test_export_demo_full_scope_validates(tmp_path: Path) -> None:
+    """``export --model demo --scope full`` builds the demo and passes its ORT-vs-torch check."""
+    from edgeprune.cli.main import main
+    out = tmp_path / "demo.onnx"
+    assert main(["export", "--model", "demo", "--scope", "full", "-o", str(out)]) == 0
+    import onnx
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == ["images"]
+    assert [list(d.dim_value for d in i.type.tensor_type.shape.dim) for i in graph.input] == [[1, 6, 3, 128, 352]]

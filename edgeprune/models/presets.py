@@ -12,10 +12,9 @@ _STREAM = DecoderConfig(num_queries=644, num_propagated=256, memory_len=1024)
 # Lighter speed-test setting of StreamPETR (300 + 128 queries, memory 512).
 _STREAM_LIGHT = DecoderConfig(num_queries=300, num_propagated=128, memory_len=512)
 
-# The trained demo (edgeprune train-demo): the synthetic dataset's 4 classes, 300 queries, 1056 keys
+# The demo detector (edgeprune train-demo): the synthetic dataset's 4 classes, 300 queries, 1056 keys
 # (6 x 22 x 8 at 352x128); FFN 512 wide so that the fp16 checkpoint stays under 20 MB.
 _DEMO = DecoderConfig(num_classes=4, num_queries=300, ffn_dims=512)
-DEMO_WEIGHTS = "demo.pt"
 
 _ROWS: list[ModelPreset] = [
     ModelPreset("petr-r50-1408x512", "petr", "resnet50", (1408, 512), decoder=_PETR),
@@ -37,9 +36,9 @@ _ROWS: list[ModelPreset] = [
     ModelPreset("open-r101-1408x512", "open", "resnet101", (1408, 512), decoder=_PETR),
     ModelPreset("toc3d-vov-1600x800", "streampetr", "vovnet", (1600, 800), decoder=_STREAM,
                 description="ToC3D comparison setting (30000 keys)"),
-    ModelPreset("demo", "petr", "resnet-tiny", (352, 128), decoder=_DEMO, weights=DEMO_WEIGHTS, neck_kernel=1,
-                description="trained on edgeprune dataset synth scenes (edgeprune train-demo); "
-                            "loads its shipped weights"),
+    ModelPreset("demo", "petr", "resnet-tiny", (352, 128), decoder=_DEMO, neck_kernel=1,
+                description="for edgeprune train-demo on dataset synth scenes; no trained weights "
+                            "ship yet (--checkpoint loads a train-demo output)"),
 ]
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in _ROWS}
