@@ -5,6 +5,9 @@ The oracle is the fp32 model on the same inputs: the int8 model's outputs must s
 subgraph must stay float (no quantize/dequantize or integer op named ``tggbc/``, its TopK
 and MatMul still float ops), and most kept keys must match fp32's. Bad calibration input is
 a one-line error with exit code 2.
+
+Measured on the tiny decoder (r=40 n=1, input seeds 0-7): max deviation / range 0.040 (static,
+8 random calibration samples) and 0.040 (dynamic); kept keys matching fp32 0.975 - 1.0.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from edgeprune.passes.precision import int8
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
              "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 OUTPUTS = ("all_cls_scores", "all_bbox_preds")
-KEPT_KEYS_SHARE = 0.85     # measured on the tiny decoder, 8 calibration samples, seeds 0-3: 0.95 - 1.0
+KEPT_KEYS_SHARE = 0.9      # measured (tiny decoder, 40 of 80 keys kept, input seeds 0-7): 0.975 - 1.0
 
 
 def calib_npz(model_path: Path, path: Path, samples: int = 8, seed: int = 10) -> Path:
@@ -132,6 +135,7 @@ def test_an_int8_model_is_not_quantized_again(tiny_tggbc: tuple[Path, Path, Path
     assert code == 2 and "already quantized" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bench_all_times_four_variants(tiny_tggbc: tuple[Path, Path, Path], tmp_path: Path) -> None:
     from edgeprune.runners.bench import BenchOptions, benchmark
 

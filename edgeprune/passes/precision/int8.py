@@ -38,10 +38,12 @@ What this module adds:
    (default: the decoder's activations have no long tails on the data we have),
    ``entropy`` and ``percentile`` (99.999) for models whose calibration shows outliers.
 
-Which ops are quantized: MatMul and Gemm only (:data:`INT8_OPS`), i.e. projections, FFNs
-and the attention products. Quantizing the element-wise ops too (ORT's default list: Add,
-Mul, Concat, Sigmoid, ...) put a Q/DQ pair around nearly every node and ran slower than
-fp32 on ORT CPU (see ``benchmarks/results/int8_decoder-*.md``).
+Which ops are quantized: MatMul and Gemm with a constant weight (:data:`INT8_OPS`), i.e. the
+projections, FFNs and heads; their outputs stay float (:data:`FLOAT_OUTPUT_OPS`), and so do the
+attention products (:data:`ATTENTION_REASON`; ``--int8-attention`` quantizes them). Quantizing
+the element-wise ops too (ORT's default list: Add, Mul, Concat, Sigmoid, Softmax ...) put a
+Q/DQ pair around nearly every node and ran slower than fp32 on ORT CPU. Where the time goes
+and what int8 can gain there: ``benchmarks/results/int8_decoder-*.md``.
 """
 from __future__ import annotations
 
@@ -82,6 +84,12 @@ FLOAT_OPS: dict[str, str] = {
 # it ORT runs DQ -> MatMul as MatMulIntegerToFloat / QGemm with a float output, and Softmax,
 # LayerNorm and the residual Adds read float (fewer requantizations, also more accurate).
 FLOAT_OUTPUT_OPS: tuple[str, ...] = ("MatMul", "Gemm")
+# Why the attention products stay float by default (``--int8-attention`` quantizes them):
+# measured per op on the StreamPETR-R50 tgGBC decoder, 1 thread, ORT 1.32, AVX2 without VNNI,
+# the q k^T (inner dim = head dim 32) and p v MatMuls took 1339 ms in fp32 and 1182 ms as
+# MatMulIntegerToFloat/QLinearMatMul plus 337 ms to quantize their inputs (the 8 x 900 x Nk
+# attention probabilities): slower, and they moved the outputs 3x more than the projections.
+ATTENTION_REASON = "attention product (activation x activation): int8 was slower on ORT CPU and less exact"
 # Stated max deviation from the fp32 model, relative to each output's range (max - min), of
 # int8 PETR-family decoders on ORT CPU (x86-64, aarch64): see the tests and benchmarks.
 INT8_REL_TOLERANCE = 0.10
@@ -98,12 +106,14 @@ class Int8Config:
     reduce_range: bool = True             # 7-bit weights: no U8S8 saturation on AVX2 without VNNI
     activation_signed: bool = False       # False: uint8 activations (U8S8)
     op_types: tuple[str, ...] = INT8_OPS
+    attention: bool = False               # also quantize activation x activation MatMuls
 
     def describe(self) -> str:
         kind = "dynamic" if self.dynamic else f"static {self.quant_format.upper()}, {self.calibration} calibration"
         sign = "S8S8" if self.activation_signed and not self.dynamic else "U8S8"
         return (f"{kind}, {sign}, {'per-channel' if self.per_channel else 'per-tensor'} weights"
-                f"{', reduce-range' if self.reduce_range else ''}, ops {'/'.join(self.op_types)}")
+                f"{', reduce-range' if self.reduce_range else ''}, ops {'/'.join(self.op_types)}"
+                f"{' incl. attention' if self.attention else ''}")
 
 
 DEFAULT_CONFIG = Int8Config()
@@ -118,8 +128,13 @@ class FloatNode:
     reason: str
 
 
-def float_nodes(graph: Any) -> tuple[FloatNode, ...]:
-    """The nodes of ``graph`` (an onnx GraphProto) that stay float, with their reasons."""
+def float_nodes(graph: Any, attention: bool = False) -> tuple[FloatNode, ...]:
+    """The nodes of ``graph`` (an onnx GraphProto) that stay float, with their reasons.
+
+    Without ``attention`` the activation x activation MatMuls (attention scores ``q k^T`` and
+    the weighted values ``p v``) stay float too (:data:`ATTENTION_REASON`).
+    """
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     out = []
     for node in graph.node:
         prefix = next((p for p in FLOAT_PREFIXES if node.name.startswith(p)), None)
@@ -127,6 +142,8 @@ def float_nodes(graph: Any) -> tuple[FloatNode, ...]:
             out.append(FloatNode(node.name, node.op_type, FLOAT_PREFIXES[prefix]))
         elif node.op_type in FLOAT_OPS:
             out.append(FloatNode(node.name, node.op_type, FLOAT_OPS[node.op_type]))
+        elif not attention and node.op_type == "MatMul" and not constants.intersection(node.input):
+            out.append(FloatNode(node.name, node.op_type, ATTENTION_REASON))
     return tuple(out)
 
 
@@ -180,7 +197,7 @@ def quantize_int8(model: Any, config: Int8Config = DEFAULT_CONFIG,
         _pre_process(src, pre)
         prepared = load_model(pre)
         _name_nodes(prepared.graph)
-        kept = float_nodes(prepared.graph)
+        kept = float_nodes(prepared.graph, attention=config.attention)
         save_onnx(prepared, pre)
         with _quantizer_logs_to_debug():
             _quantize(pre, out, config, [k.name for k in kept], feeds)
@@ -223,7 +240,7 @@ def _quantize(src: Path, dst: Path, config: Int8Config, exclude: list[str],
     if config.dynamic:
         # quantize_dynamic rewrites Gemm as MatMul + Add first, naming the MatMul NAME_MatMul.
         quantization.quantize_dynamic(str(src), str(dst), nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
-                                      **common)
+                                      extra_options={"MatMulConstBOnly": not config.attention}, **common)
         return
     method = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
               "percentile": quantization.CalibrationMethod.Percentile}[config.calibration]
@@ -249,7 +266,8 @@ def summary(kept: Iterable[FloatNode], config: Int8Config, model: Any, samples: 
     quantized = sum(counts.get(op, 0) for op in ("QuantizeLinear", "DynamicQuantizeLinear"))
     parts: dict[str, int] = {}
     for k in kept:
-        label = next((p.rstrip("/") for p in FLOAT_PREFIXES if k.name.startswith(p)), k.op_type)
+        label = next((p.rstrip("/") for p in FLOAT_PREFIXES if k.name.startswith(p)),
+                     "attention MatMul" if k.reason == ATTENTION_REASON else k.op_type)
         parts[label] = parts.get(label, 0) + 1
     calib = "" if config.dynamic else f" on {samples} calibration run(s)"
     return (f"int8 ({config.describe()}){calib}: {quantized} activation quantizers; {len(kept)} nodes kept float "
@@ -319,6 +337,9 @@ class Int8Pass(BasePass):
                                 "safe to drop for ARM dot-product / VNNI boards)")
         group.add_argument("--signed-activations", action="store_true",
                            help="static int8: int8 activations (S8S8) instead of uint8 (U8S8)")
+        group.add_argument("--int8-attention", action="store_true",
+                           help="int8: also quantize the attention products q k^T and p v (default float: on ORT "
+                                "CPU x86 they were slower in int8)")
 
     @classmethod
     def config_from_args(cls, args: Any, dynamic: bool) -> Int8Config:
@@ -326,7 +347,8 @@ class Int8Pass(BasePass):
                           calibration=getattr(args, "calibration", "minmax"),
                           per_channel=not getattr(args, "per_tensor", False),
                           reduce_range=not getattr(args, "full_range", False),
-                          activation_signed=getattr(args, "signed_activations", False))
+                          activation_signed=getattr(args, "signed_activations", False),
+                          attention=getattr(args, "int8_attention", False))
 
     @classmethod
     def from_args(cls, args: Any) -> Int8Pass:
