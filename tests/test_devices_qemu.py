@@ -146,8 +146,10 @@ def test_wheelhouse_installs_on_aarch64_and_bench_runs_there(tmp_path, capsys):
 # The int8 tgGBC decoder on aarch64 ORT vs x86 ORT, max |arm - x86| / (max - min of x86), per
 # output. Both run the same integer GEMMs (7-bit weights: no U8S8 saturation on x86 AVX2, ARM's
 # dot-product kernels never saturate); what differs is float rounding in the dequantize /
-# requantize steps and in the float parts. Measured (tiny decoder, 80 keys, r=40): see the test.
-ARM_INT8_REL_TOLERANCE = 0.02
+# requantize steps and in the float parts. Measured (tiny decoder, 80 keys, tgGBC r=40, ORT 1.22
+# aarch64 vs 1.32 x86): 0 / 3.8e-8 (logits / boxes) with the defaults, 6.9e-3 / 5.4e-3 with the
+# attention products quantized too (--int8-attention). Stated: 1 % of the range.
+ARM_INT8_REL_TOLERANCE = 0.01
 
 
 @pytest.mark.slow
