@@ -33,8 +33,6 @@ EXPANSIONS: dict[str, tuple[str, ...]] = {"both": ("fp32", "fp16"), "all": CONVE
 PRECISIONS = CONVERSIONS + tuple(EXPANSIONS)
 BENCH_CALIBRATION_RUNS = 2
 _FLOAT16 = 10   # onnx.TensorProto.FLOAT16
-_QUANT_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QGemm",
-                        "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
 
 
 def model_precision(path: str | Path) -> str:
@@ -45,9 +43,10 @@ def model_precision(path: str | Path) -> str:
     (which refuse to convert such a model again), read without loading external weight data.
     """
     from edgeprune.graph.files import load_model    # one-line errors, protobuf whatever the suffix
+    from edgeprune.graph.ops import QUANTIZED_OPS
 
     graph = load_model(path, load_external_data=False).graph
-    if any(n.op_type in _QUANT_OPS for n in graph.node):
+    if any(n.op_type in QUANTIZED_OPS for n in graph.node):
         return "int8"
     if any(init.data_type == _FLOAT16 for init in graph.initializer):
         return "fp16"

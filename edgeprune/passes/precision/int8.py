@@ -57,6 +57,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from edgeprune._lazy import require
 from edgeprune.errors import InvalidModelError, ParameterError
 from edgeprune.graph.files import load_model, save_onnx
+from edgeprune.graph.index import name_nodes
+from edgeprune.graph.ops import QUANTIZED_OPS
 from edgeprune.passes.registry import BasePass
 
 log = logging.getLogger(__name__)
@@ -147,23 +149,9 @@ def float_nodes(graph: Any, attention: bool = False) -> tuple[FloatNode, ...]:
     return tuple(out)
 
 
-def _name_nodes(graph: Any) -> None:
-    """Give unnamed nodes unique names: the quantizer excludes by name."""
-    used = {n.name for n in graph.node if n.name}
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            name = f"int8/unnamed_{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
-
-
 def is_quantized(model: Any) -> bool:
     """True when the model already holds quantization ops (quantizing again is refused)."""
-    ops = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
-           "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
-    return any(n.op_type in ops for n in model.graph.node)
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
 
 
 class _Reader:
@@ -196,7 +184,7 @@ def quantize_int8(model: Any, config: Int8Config = DEFAULT_CONFIG,
         save_onnx(work, src)
         _pre_process(src, pre)
         prepared = load_model(pre)
-        _name_nodes(prepared.graph)
+        name_nodes(prepared, prefix="int8/unnamed")        # the quantizer excludes nodes by name
         kept = float_nodes(prepared.graph, attention=config.attention)
         save_onnx(prepared, pre)
         with _quantizer_logs_to_debug():
