@@ -135,7 +135,6 @@ def test_an_int8_model_is_not_quantized_again(tiny_tggbc: tuple[Path, Path, Path
     assert code == 2 and "already quantized" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_bench_all_times_four_variants(tiny_tggbc: tuple[Path, Path, Path], tmp_path: Path) -> None:
     from edgeprune.runners.bench import BenchOptions, benchmark
 
