@@ -24,6 +24,8 @@ def test_packaged_profiles(device_config):
     assert [name for name, _ in jetson.providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert jetson.python == "python3" and jetson.command_timeout_s > opi.command_timeout_s
     assert profiles["local"].transport == "local" and not profiles["local"].is_remote
+    assert opi.precisions == ("int8", "fp32") and jetson.precisions == ("fp16", "fp32")
+    assert profiles["local"].precisions is None
     assert all(p.source.startswith(str(PACKAGED_DIR)) for p in profiles.values())
 
 
@@ -51,6 +53,7 @@ def test_user_profile_overrides_packaged_and_paths_load(device_config, tmp_path)
     ({"transport": "local", "command_timeout_s": 0}, "'command_timeout_s'"),
     ({"transport": "local", "host_key_check": "maybe"}, "'host_key_check'"),
     ({"transport": "local", "name": "other"}, "rename the file"),
+    ({"transport": "local", "precisions": ["int4"]}, "'precisions'"),
     ("[1, 2", "not valid JSON"),
 ])
 def test_bad_profiles_are_one_line_device_errors(device_config, content, needle):
@@ -104,6 +107,27 @@ def test_devices_check_local(device_config, capsys):
     assert rows["ok  python"].split(": ")[1].startswith(platform.python_version())
     assert rows["ok  onnxruntime"].endswith(onnxruntime.__version__)
     assert platform.machine() in rows["ok  board"] and "ready to benchmark" in out
+    flags = Path("/proc/cpuinfo").read_text().split()
+    support = rows["ok  int8/fp16 support"]                    # read from this CPU's /proc/cpuinfo flags
+    assert ("GEMMs on" in support) == any(f in flags for f in ("avx512_vnni", "avx_vnni", "asimddp"))
+
+
+@pytest.mark.parametrize("flags, providers, verdicts", [
+    (["asimddp", "asimdhp"], ["CPUExecutionProvider"], {"precision int8": None, "precision fp16": False}),
+    (["avx2"], ["CPUExecutionProvider"], {"precision int8": False, "precision fp16": False}),
+    ([], ["CUDAExecutionProvider", "CPUExecutionProvider"], {"precision int8": False, "precision fp16": None}),
+])
+def test_devices_check_compares_precisions_with_the_cpu(flags, providers, verdicts):
+    """A board profile listing int8 and fp16: the probe's CPU flags and providers decide each."""
+    from edgeprune.devices.check import findings_for
+
+    profile = DeviceProfile("b", precisions=("int8", "fp16"))
+    info = {"machine": "aarch64", "system": "Linux", "python": "3.10.12", "executable": "python3",
+            "numpy": "1.26", "onnxruntime": "1.22.0", "providers": providers, "cpu_flags": flags}
+    found = {f.item: f for f in findings_for(profile, info, (3, 6))}
+    assert found["int8/fp16 support"].ok
+    for item, ok in verdicts.items():
+        assert (found[item].ok if item in found else None) is ok, found.get(item)
 
 
 def test_devices_check_names_the_fix_for_a_python_without_onnxruntime(device_config, tmp_path, capsys):

@@ -86,3 +86,17 @@ def add_input_arguments(target: ArgumentTarget, *, purpose: str = "inputs") -> N
     target.add_argument("--inputs", default=None, metavar="X.npz",
                         help=f"{purpose}: arrays by input name (default: seeded random data)")
     target.add_argument("--seed", type=int, default=0, help=f"seed of the random {purpose} (default 0)")
+
+
+# ---------------------------------------------------------------- calibration options
+# --calib, --data: what a model is calibrated on. Used by `edgeprune rewrite`: GPQ's one-shot
+# ranking (--keep-queries K --calib X.npz) and static int8 (--precision int8).
+
+def add_calibration_arguments(target: ArgumentTarget) -> None:
+    """Add ``--calib X.npz`` and ``--data DIR`` (read back by the passes' ``from_args``)."""
+    target.add_argument("--calib", dest="calib", default=None, metavar="X.npz",
+                        help="calibration inputs by input name, [B, ...] or [S, B, ...] (GPQ --keep-queries, "
+                             "--precision int8 on a decoder)")
+    target.add_argument("--data", dest="data", default=None, metavar="DIR",
+                        help="--precision int8 on a whole-model export: calibrate on this dataset's scenes "
+                             "(edgeprune dataset synth)")

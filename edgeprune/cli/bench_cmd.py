@@ -9,6 +9,7 @@ examples:
   edgeprune bench model.onnx
   edgeprune bench base.onnx pruned.onnx --repeats 200 --json res.json --csv res.csv --plot res.png
   edgeprune bench decoder.onnx --precision both --profile
+  edgeprune bench decoder.onnx --precision all --threads 1
   edgeprune bench model.onnx --device orangepi5 --threads 4 --time-budget 60
   edgeprune bench model.onnx --providers tensorrt,cuda,cpu --provider-option tensorrt:trt_fp16_enable=1
 """
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models; the first is the speedup baseline")
     parser.add_argument("--device", default="local", help="'local' or a device profile name/path (default: local)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "both"), default=None,
-                        help="convert fp32 models to fp16 (fp16), or time both; default: run the files as given")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8", "int8-dynamic", "both", "all"), default=None,
+                        help="convert fp32 models to fp16 / int8 (static, calibrated on the timing inputs: --inputs "
+                             "or seeded random) / int8-dynamic; both = fp32+fp16, all = fp32+fp16+int8+int8-dynamic; "
+                             "default: run the files as given")
     run = parser.add_argument_group("measurement")
     add_timing_arguments(run, warmup=5, repeats=DEFAULT_REPEATS, budget_lifts_repeats=True,
                          threads_default="device / ORT default")

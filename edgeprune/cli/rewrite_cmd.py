@@ -1,4 +1,4 @@
-"""Rewrite an exported model with a graph pass: tgGBC key pruning, GPQ query shrinking, ToMe, random, fp16.
+"""Rewrite an exported model with a graph pass: tgGBC key pruning, GPQ query shrinking, ToMe, random, fp16, int8.
 
 The decoder is found automatically (the exporter's record, or by matching the graph);
 --override names any tensor it cannot find. The result is checked (onnx.checker, ONNX
@@ -10,6 +10,9 @@ examples:
   edgeprune rewrite decoder.onnx -o random.onnx --method random --r 21000 --n 2 --seed 0
   edgeprune rewrite decoder.onnx -o small.onnx --method gpq --keep-indices kept.json
   edgeprune rewrite decoder.onnx -o half.onnx --precision fp16
+  edgeprune rewrite decoder.onnx -o q.onnx --method tggbc --r 2000 --precision int8 --calib calib.npz
+  edgeprune rewrite full.onnx -o q.onnx --precision int8 --data scenes/
+  edgeprune rewrite decoder.onnx -o q.onnx --precision int8-dynamic
   edgeprune rewrite foreign.onnx -o pruned.onnx --method tggbc --r 1000 \\
       --override layer.0.logits=/head/cls_0/Add_output_0
 """
@@ -18,11 +21,11 @@ from __future__ import annotations
 import argparse
 
 NAME = "rewrite"
-HELP = "prune / shrink / convert an ONNX model with graph passes (tgGBC, GPQ, ToMe, random, fp16)"
+HELP = "prune / shrink / convert an ONNX model with graph passes (tgGBC, GPQ, ToMe, random, fp16, int8)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from edgeprune.cli.args import add_input_arguments, add_key_count_arguments
+    from edgeprune.cli.args import add_calibration_arguments, add_input_arguments, add_key_count_arguments
     from edgeprune.passes import registry
 
     parser.add_argument("model", metavar="IN.onnx", help="model to rewrite")
@@ -38,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--no-verify", action="store_true", help="skip running both models and comparing outputs")
     add_input_arguments(check, purpose="verification inputs")
     add_key_count_arguments(parser.add_argument_group("key reduction (--method tggbc, tome, random)"))
+    add_calibration_arguments(parser.add_argument_group("calibration (--method gpq --keep-queries, --precision int8)"))
     registry.add_pass_arguments(parser)
 
 
@@ -54,15 +58,27 @@ def _refuse_unused_key_counts(args: argparse.Namespace) -> None:
                              f"--method {' / '.join(users)}")
 
 
+def _refuse_unused_calibration(args: argparse.Namespace) -> None:
+    """--calib/--data calibrate GPQ's one-shot ranking or static int8; elsewhere they would be ignored."""
+    from edgeprune.errors import ParameterError
+
+    given = [flag for flag, value in (("--calib", args.calib), ("--data", args.data)) if value is not None]
+    gpq_reads = args.method == "gpq" and getattr(args, "keep_queries", None) is not None and args.data is None
+    if given and args.precision != "int8" and not gpq_reads:
+        raise ParameterError(f"{' '.join(given)} has no effect here; calibration is for --precision int8 "
+                             "(--calib X.npz or --data DIR) and --method gpq --keep-queries K --calib X.npz")
+
+
 def run(args: argparse.Namespace) -> int:
     from edgeprune.io import check_command_files
     from edgeprune.passes import registry
     from edgeprune.passes.driver import rewrite
     from edgeprune.passes.verify import load_inputs
 
-    check_command_files({"IN.onnx": args.model, "--inputs": args.inputs, "--calib": getattr(args, "calib", None),
+    check_command_files({"IN.onnx": args.model, "--inputs": args.inputs, "--calib": args.calib,
                          "--keep-indices": getattr(args, "keep_indices", None)}, {"-o": args.output})
     _refuse_unused_key_counts(args)
+    _refuse_unused_calibration(args)
     passes = registry.build_passes(args)
     precision_cls = registry.get_precision(args.precision)
     precision = precision_cls.from_args(args) if precision_cls is not None else "fp32"

@@ -1,8 +1,11 @@
 """``edgeprune devices check``: what to ask a device, and how to judge its answer.
 
 ``PROBE`` is a small script (Python 2.7 and 3.x syntax, so that even a too old interpreter
-answers) that reports the board's architecture, Python, numpy, onnxruntime and its
-providers. :func:`judge` turns its answer into :class:`Finding` s with a concrete fix each
+answers) that reports the board's architecture, Python, numpy, onnxruntime, its providers
+and build device, and the CPU's SIMD flags that decide how fast int8 and fp16 run there
+(``/proc/cpuinfo``: ``asimddp`` = ARMv8.2 dot product, what ONNX Runtime's int8 GEMMs use on
+a Cortex-A76; ``avx512_vnni`` / ``avx_vnni`` on x86, without which the U8S8 kernels use
+VPMADDUBSW and need 7-bit weights; ``asimdhp`` = ARM fp16 arithmetic). :func:`judge` turns its answer into :class:`Finding` s with a concrete fix each
 (the pip command for the onnxruntime that exists for that Python on PyPI, the Jetson Zoo
 wheel on a Jetson, the profile key to change).
 
@@ -26,6 +29,8 @@ JETSON_ZOO = "https://elinux.org/Jetson_Zoo#ONNX_Runtime"
 ORT_FOR_PYTHON = {(3, 6): "1.10.0", (3, 7): "1.14.1", (3, 8): "1.19.2", (3, 9): "1.19.2"}
 ORT_DEFAULT = "1.22.0"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+INT8_FLAGS = {"asimddp": "ARM dot product", "avx512_vnni": "AVX-512 VNNI", "avx512vnni": "AVX-512 VNNI",
+              "avx_vnni": "AVX-VNNI"}
 
 PROBE = f"PROBE_MARKER = {PROBE_MARKER!r}\n" + r"""
 import json, os, platform, sys
@@ -50,6 +55,16 @@ for name in ("numpy", "onnxruntime"):
 if "onnxruntime" in info:
     import onnxruntime
     info["providers"] = list(onnxruntime.get_available_providers())
+    info["ort_device"] = onnxruntime.get_device()
+try:
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        key = line.split(":", 1)[0].strip().lower()
+        if key in ("flags", "features"):
+            flags.update(line.split(":", 1)[1].split())
+    info["cpu_flags"] = sorted(flags & set(('asimddp', 'i8mm', 'asimdhp', 'fphp', 'avx2', 'avx512f', 'avx512_vnni', 'avx512vnni', 'avx_vnni', 'avx512_fp16')))
+except (IOError, OSError):
+    pass
 print(PROBE_MARKER + json.dumps(info))
 """
 
@@ -150,12 +165,42 @@ def _affinity_findings(profile: DeviceProfile, info: dict[str, Any]) -> list[Fin
                     f"set 'affinity' in {profile.source or 'the profile'} to CPUs among {cpus}")]
 
 
+def _precision_findings(profile: DeviceProfile, info: dict[str, Any]) -> list[Finding]:
+    """What the CPU's flags and the providers say about int8 / fp16, against the profile's ``precisions``."""
+    flags = info.get("cpu_flags")
+    if flags is None:
+        return []
+    dot = sorted({INT8_FLAGS[f] for f in flags if f in INT8_FLAGS})
+    if dot:
+        int8 = f"int8 GEMMs on {', '.join(dot)}" + (" + i8mm" if "i8mm" in flags else "")
+    elif "avx2" in flags:
+        int8 = "int8 on AVX2 without VNNI (U8S8 via VPMADDUBSW: keep 7-bit weights, the int8 default)"
+    else:
+        int8 = "no int8 dot-product instructions (int8 GEMMs fall back to widening multiplies)"
+    gpu = [p for p in info.get("providers", ()) if p in GPU_PROVIDERS]
+    fp16 = f"fp16 on {', '.join(gpu)}" if gpu else (
+        "fp16 arithmetic (asimdhp) but ORT CPU runs most fp16 ops in fp32" if "asimdhp" in flags
+        else "no fp16 hardware path: fp16 runs no faster than fp32 on the CPU provider")
+    out = [Finding("int8/fp16 support", True, f"{int8}; {fp16} (ORT device {info.get('ort_device', '?')})")]
+    wanted = profile.precisions or ()
+    where = profile.source or "the profile"
+    if "int8" in wanted and not dot:
+        out.append(Finding("precision int8", False, "the profile lists int8 but the CPU has no dot-product/VNNI",
+                           f"expect little int8 gain here; remove int8 from 'precisions' in {where}"))
+    if "fp16" in wanted and not gpu:
+        out.append(Finding("precision fp16", False, "the profile lists fp16 but no GPU provider is available",
+                           f"install onnxruntime-gpu ({JETSON_ZOO} on a Jetson), or remove fp16 from "
+                           f"'precisions' in {where}"))
+    return out
+
+
 def findings_for(profile: DeviceProfile, info: dict[str, Any], min_python: tuple[int, int]) -> tuple[Finding, ...]:
     """Turn a probe answer into findings with fixes; ``min_python`` is the agent's minimum."""
     system = f"{info['machine']}, {info.get('os') or info['system']}, {info.get('libc') or 'libc ?'}, " \
              f"{info.get('cpu_count') or '?'} cpus"
     findings = [Finding("board", True, system)] + _python_findings(profile, info, min_python)
-    return tuple(findings + _provider_findings(profile, info) + _affinity_findings(profile, info))
+    return tuple(findings + _provider_findings(profile, info) + _affinity_findings(profile, info)
+                 + _precision_findings(profile, info))
 
 
 def judge(profile: DeviceProfile, info: dict[str, Any], where: str, min_python: tuple[int, int]) -> CheckReport:

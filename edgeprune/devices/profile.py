@@ -3,7 +3,10 @@
 A profile says how to reach a board (an SSH config alias, or host/user/port/key), which
 Python runs the board agent there, and the measurement defaults of that board: execution
 providers with their options, ORT threads and CPU affinity (e.g. the four Cortex-A76 big
-cores 4-7 of an RK3588). Adding a board means adding a file, not code.
+cores 4-7 of an RK3588), and the number formats the board runs well with those providers
+(``precisions``, best first: int8 on the OrangePi 5's Cortex-A76 CPU with its dot-product
+instructions, fp16 on the Jetson's GPU; ``devices check`` compares them with what the board's
+CPU and ONNX Runtime offer). Adding a board means adding a file, not code.
 
 Lookup order for a name (first hit wins, so a user file overrides a packaged one):
 
@@ -21,6 +24,7 @@ File format (every key but ``transport`` optional; ``name`` defaults to the file
      "ssh_config": null, "known_hosts": null, "host_key_check": "accept-new",
      "python": "python3", "providers": [["CPUExecutionProvider", {}]],
      "threads": 4, "affinity": [4, 5, 6, 7], "workdir": "~/.cache/edgeprune",
+     "precisions": ["int8", "fp32"],
      "connect_timeout_s": 10, "command_timeout_s": 900}
 """
 from __future__ import annotations
@@ -66,6 +70,7 @@ class DeviceProfile:
     workdir: str = "~/.cache/edgeprune"  # on the board; "~/" is the login user's home
     connect_timeout_s: float = 10.0
     command_timeout_s: float = 900.0
+    precisions: tuple[str, ...] | None = None   # formats the board runs well, best first; None: not known
     source: str = field(default="", compare=False)  # file the profile was read from
 
     @property
@@ -88,6 +93,8 @@ class DeviceProfile:
             extras.append(f"{self.threads} threads")
         if self.affinity is not None:
             extras.append("cpus " + ",".join(str(c) for c in self.affinity))
+        if self.precisions is not None:
+            extras.append("runs well: " + ",".join(self.precisions))
         return f"{self.name:<14} {self.transport:<5} {where:<28} {'; '.join(extras)}"
 
     def request_defaults(self) -> dict[str, Any]:
@@ -157,6 +164,19 @@ def _affinity(raw: dict[str, Any], source: str) -> tuple[int, ...] | None:
     return tuple(sorted(set(value)))
 
 
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")   # the values rewrite/bench --precision convert to
+
+
+def _precisions(raw: dict[str, Any], source: str) -> tuple[str, ...] | None:
+    value = raw.get("precisions")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or any(p not in PRECISIONS for p in value):
+        raise _fail(source, f"'precisions' must be a non-empty list of {', '.join(PRECISIONS)} (best first) or null, "
+                            f"got {value!r}")
+    return tuple(value)
+
+
 def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], default: str, source: str) -> str:
     value = raw.get(key, default)
     if value not in choices:
@@ -192,7 +212,7 @@ def profile_from_dict(raw: Any, source: str, default_name: str) -> DeviceProfile
         workdir=_opt_str(raw, "workdir", source) or DeviceProfile.workdir,
         connect_timeout_s=_timeout(raw, "connect_timeout_s", source),
         command_timeout_s=_timeout(raw, "command_timeout_s", source),
-        source=source,
+        precisions=_precisions(raw, source), source=source,
     )
 
 

@@ -22,3 +22,7 @@ PASS_THROUGH_OPS = LAYOUT_OPS | {"Dropout", "Split", "Slice", "Contiguous"}
 AFFINE_OPS = frozenset({"Mul", "Div", "Add", "Sub"})
 # Ops whose output is not a function of their inputs: never constant-folded.
 RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"})
+# Ops of an already quantized model (QDQ, QOperator, dynamic; before and after ORT's fusions):
+# int8 refuses to quantize such a model again, bench labels it int8.
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                           "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})

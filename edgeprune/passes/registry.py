@@ -46,6 +46,8 @@ METHODS: dict[str, str] = {
 # must also be constructible without arguments (``rewrite(..., precision="fp16")``).
 PRECISIONS: dict[str, str] = {
     "fp16": "edgeprune.passes.precision.fp16:Fp16Pass",
+    "int8": "edgeprune.passes.precision.int8:Int8Pass",
+    "int8-dynamic": "edgeprune.passes.precision.int8:Int8DynamicPass",
 }
 
 

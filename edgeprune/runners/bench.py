@@ -160,16 +160,16 @@ def _profile_layers(specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:
 def benchmark(paths: Sequence[str | Path], options: BenchOptions = BenchOptions(), *,
               precision: str | None = None, device: str | os.PathLike = "local",
               progress: Callable[[int, int], None] | None = None) -> BenchReport:
-    """Benchmark model files (plus their fp16 variants per ``precision``) on ``device``.
+    """Benchmark model files (plus their fp16 / int8 variants per ``precision``) on ``device``.
 
     ``device`` is ``local`` (this machine, in this process) or a device profile name or path;
     unset providers/threads/affinity come from its profile, as on the command line.
     ``progress(done, total)`` is called after every timed run (``total`` is the upper bound).
-    fp16 copies live in a temporary directory removed on return, also on error.
+    Converted copies live in a temporary directory removed on return, also on error.
     """
     options = options.validate()
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
-        specs = plan_models(paths, precision, Path(tmp))
+        specs = plan_models(paths, precision, Path(tmp), calib_npz=options.npz, seed=options.seed)
         runner = get_runner(device, progress=progress)
         with runner:
             return run_bench(specs, with_device_defaults(options, runner.profile), runner)

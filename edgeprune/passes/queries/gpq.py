@@ -72,17 +72,16 @@ class QueryPruningPass(BasePass):
         group.add_argument("--keep-queries", dest="keep_queries", type=int, default=None, metavar="K",
                            help="GPQ one-shot: keep the K queries scoring highest on --calib (fine-tuning with "
                                 "GPQPruner recovers accuracy clearly better)")
-        group.add_argument("--calib", dest="calib", default=None, metavar="X.npz",
-                           help="GPQ one-shot: calibration inputs by input name, [B, ...] or [S, B, ...]")
 
     @classmethod
     def from_args(cls, args: Any) -> QueryPruningPass:
         path, k, calib = getattr(args, "keep_indices", None), getattr(args, "keep_queries", None), \
             getattr(args, "calib", None)
-        if path is not None and (k is not None or calib is not None):
+        if path is not None and k is not None:
             raise ParameterError("give either --keep-indices FILE or --keep-queries K --calib X.npz, not both")
+        # --calib (defined by the CLI) also calibrates --precision int8; GPQ reads it only with --keep-queries
         return cls(keep_indices=load_keep_indices(path) if path is not None else None, keep_queries=k,
-                   calib=load_calibration(calib) if calib is not None else None)
+                   calib=load_calibration(calib) if calib is not None and k is not None else None)
 
     def apply(self, working: Any, structure: Any) -> None:
         model = working.proto()
