@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--k", default="all", metavar="LIST", help="tgGBC top queries, 'all' = every query (default all)")
     grid.add_argument("--method", default=DEFAULT_METHODS, metavar="LIST",
                       help=f"key-reduction methods: {', '.join(key_methods())} (default {DEFAULT_METHODS})")
-    grid.add_argument("--precision", default="fp32", metavar="LIST", help="fp32, fp16 (default fp32)")
+    grid.add_argument("--precision", default="fp32", metavar="LIST", help="fp32, fp16, int8-dynamic (default fp32; static int8 needs calibration: "
+                      "rewrite with --precision int8 --data DIR and bench it)")
     grid.add_argument("--seed", type=int, default=0, help="random pruning's subset seed (default 0)")
     parser.add_argument("--max-map-drop", type=float, default=1.0, metavar="P",
                         help="mAP points (0.01 mAP) a recommended setting may lose (default 1, tgGBC's rule)")
@@ -77,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
                              f"(got {args.max_map_drop:g}, {args.seed}, {args.limit})")
     SweepStore.check_out(args.out)
     methods = st.parse_names(args.method, "--method", key_methods())
-    precisions = st.parse_names(args.precision, "--precision", registry.precision_names())
+    # static int8 needs calibration data per setting: sweep the precisions that need none
+    precisions = st.parse_names(args.precision, "--precision",
+                                [p for p in registry.precision_names() if p != "int8"])
     ns, ks = st.parse_n(args.n), st.parse_k(args.k)
     check_devices(args.device or ["local"])
     size = st.decoder_size(args.model)

@@ -119,7 +119,7 @@ def write_plot(table: SweepTable, path: Path) -> Path:
     try:
         markers = dict(zip(sorted({r["method"] for r in table.rows}), "os^DvP*X"))
         for method, marker in markers.items():
-            for precision, colour in (("fp32", "tab:blue"), ("fp16", "tab:orange")):
+            for precision, colour in (("fp32", "tab:blue"), ("fp16", "tab:orange"), ("int8-dynamic", "tab:purple")):
                 rows = [r for r in table.rows if r["method"] == method and r["precision"] == precision]
                 if rows:
                     ax.scatter([r["paired_latency_ms"] for r in rows], [r["mAP"] for r in rows], marker=marker, c=colour,
