@@ -318,17 +318,23 @@ def model(name: str) -> ForeignDecoder:
 
 
 @functools.lru_cache(maxsize=None)
-def exported(name: str, exporter: str, batch: int, mask: bool) -> Path:
-    """Path of a cached plain ``torch.onnx.export`` of ``model(name)`` (static shapes; read-only)."""
+def exported(name: str, exporter: str, batch: int, mask: bool, dynamic: bool = False) -> Path:
+    """Path of a cached plain ``torch.onnx.export`` of ``model(name)`` (read-only): static shapes, or
+    with ``dynamic`` a symbolic batch axis on every input (``dynamic_axes`` / ``dynamic_shapes``)."""
     module = model(name)
     inputs = module.example_inputs(batch, mask)
-    path = cache_dir() / f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}.onnx"
+    path = cache_dir() / f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}{'-dyn' * dynamic}.onnx"
     kwargs: dict[str, Any] = dict(input_names=list(inputs), output_names=["all_cls_scores"],
                                   opset_version=EXPORTERS[exporter])
     if exporter == "dynamo":
         kwargs.update(dynamo=True, external_data=False, verbose=False, report=False, verify=False)
+        if dynamic:
+            batch_dim = torch.export.Dim("batch", min=1, max=8)
+            kwargs.update(dynamic_shapes={k: {0: batch_dim} for k in inputs})
     else:
         kwargs.update(dynamo=False)
+        if dynamic:
+            kwargs.update(dynamic_axes={k: {0: "batch"} for k in inputs})
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)      # TorchScript cannot export aten::_native_multi_head_attention
     try:

@@ -17,6 +17,8 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import PatternNotFoundError
+from edgeprune.graph.index import GraphIndex
+from edgeprune.graph.run import run_tensors
 from edgeprune.graph.shapes import TensorInfo
 
 FLOAT, BOOL = 1, 9          # onnx.TensorProto element types
@@ -155,6 +157,37 @@ def cleanup(model: Any) -> Any:
     graph = gs.import_onnx(model)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return export_graph(gs, graph, model, keep_shapes=True)
+
+# op -> input slots that hold a target shape: what passes retarget when a count changes
+SHAPE_SLOTS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,)}
+
+
+def fold_shape_inputs(model: Any) -> list[str]:
+    """Replace computed target shapes (``Shape -> Gather -> Concat -> Reshape``) of fixed-size
+    tensors by initializers, in place; the tensors folded.
+
+    Exports with symbolic sizes compute reshape targets from ``Shape`` ops. Once the inputs are
+    fixed (``shapes.pin_input_shapes``) those are constants, and a pass that changes a key or
+    query count retargets them like the literal targets of a static export. Values come from
+    one ONNX Runtime run of the graph (they depend on no input value); the dead Shape
+    arithmetic is left for the driver's cleanup.
+    """
+    onnx = _lazy.require("onnx")
+    index = GraphIndex.build(model)
+    targets = list(dict.fromkeys(
+        node.input[slot] for node in model.graph.node for slot in SHAPE_SLOTS.get(node.op_type, ())
+        if slot < len(node.input) and node.input[slot] in index.producer
+        and index.producer[node.input[slot]].op_type != "Constant" and index.is_constant(node.input[slot])))
+    if not targets:
+        return []
+    values = run_tensors(model, targets)
+    for name, value in values.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, f"{name}/folded"))
+    for node in model.graph.node:
+        for slot in SHAPE_SLOTS.get(node.op_type, ()):
+            if slot < len(node.input) and node.input[slot] in values:
+                node.input[slot] = f"{node.input[slot]}/folded"
+    return targets
 
 
 class WorkingModel:

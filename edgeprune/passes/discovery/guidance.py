@@ -8,8 +8,10 @@ with the tensor discovery would guess where it has one and ``TENSOR`` where it h
     --method tggbc needs 3 parts discovery did not find; add: --override layer.0.logits=TENSOR
       --override layer.1.logits=TENSOR --override layer.1.mask=/attn1/Add_output_0
 
-The "export with fixed input sizes" hint appears only when a graph input really has a
-symbolic dimension; with fixed inputs an unknown intermediate shape is ours to infer.
+The "fix the input sizes" hint appears only when a graph input really has a symbolic
+dimension; with fixed inputs an unknown intermediate shape is ours to infer (static
+inference, else one ONNX Runtime run). ``rewrite --inputs X.npz`` fixes symbolic inputs to the
+arrays' sizes.
 """
 from __future__ import annotations
 
@@ -31,6 +33,17 @@ def dynamic_inputs(index: GraphIndex) -> list[str]:
     return [name for name in sorted(index.inputs) if not is_static(index.shape(name))]
 
 
+FIX_INPUTS = ("give rewrite --inputs X.npz (one array per input; its sizes fix the graph's) or export with fixed "
+              "input sizes")
+
+
+def symbolic_override_message(index: GraphIndex, tensors: Sequence[str], dynamic: Sequence[str]) -> str:
+    """Override tensors whose sizes depend on symbolic graph inputs: no single size to rewrite for."""
+    shapes = "; ".join(f"{t} {list(index.shape(t) or ())}" for t in tensors)
+    return (f"--override names tensors without static shapes ({shapes}) because inputs {', '.join(dynamic)} have "
+            f"symbolic sizes: {FIX_INPUTS}")
+
+
 def no_decoder_message(index: GraphIndex, attentions: Sequence[Any]) -> str:
     """Why no decoder was found, and the override that names one."""
     softmax = [n for n in index.graph.node if n.op_type == "Softmax"]
@@ -39,7 +52,7 @@ def no_decoder_message(index: GraphIndex, attentions: Sequence[Any]) -> str:
     dynamic = dynamic_inputs(index)
     if unknown and dynamic:
         hint = (f"; {len(unknown)} Softmax outputs have no static shape because inputs {', '.join(dynamic)} have "
-                "symbolic sizes: export with fixed input sizes (or run onnxsim with --overwrite-input-shape)")
+                f"symbolic sizes: {FIX_INPUTS}")
     elif unknown:
         hint = f"; {len(unknown)} Softmax outputs have shapes shape inference could not resolve"
     return (f"no decoder cross-attention found: the graph has {len(softmax)} Softmax nodes, {len(attentions)} "
