@@ -29,7 +29,7 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import InternalError
-from edgeprune.graph.edit import WorkingModel, fold_shape_inputs
+from edgeprune.graph.edit import WorkingModel
 from edgeprune.graph.files import load_model, save_onnx
 from edgeprune.graph.shapes import pin_input_shapes
 from edgeprune.graph.values import initializer_nbytes
@@ -171,7 +171,6 @@ def rewrite(in_path: str | os.PathLike, out_path: str | os.PathLike, passes: Seq
     pinned = pin_input_shapes(model, {k: np.shape(v) for k, v in verify_inputs.items()}) if verify_inputs else []
     if pinned:
         log.info("inputs %s fixed to the sizes of the given arrays", ", ".join(pinned))
-        fold_shape_inputs(model)
     for p in chain:
         model = p.prepare(model) if hasattr(p, "prepare") else model
     structure = discover(model, ov)

@@ -33,6 +33,7 @@ from edgeprune.passes.discovery.guidance import dynamic_inputs, mask_candidates,
     symbolic_override_message
 from edgeprune.graph.index import GraphIndex, name_nodes
 from edgeprune.graph.ops import LAYOUT_OPS, STACK_VIEWS
+from edgeprune.graph.edit import shapes_with_folded_sizes
 from edgeprune.graph.run import run_shapes
 from edgeprune.graph.shapes import is_static
 from edgeprune.graph.values import attr
@@ -56,7 +57,7 @@ def discover(model: Any, overrides: Overrides | Mapping[str, str] | Sequence[str
     name_nodes(model)
     index = index or GraphIndex.build(model)
     ov = parse_overrides(overrides)
-    index = _with_override_shapes(model, index, ov)
+    index = _with_override_shapes(model, _with_folded_sizes(model, index), ov)
     attentions = find_attentions(index)
     dmap = _usable_map(model, index)
     layers, source = None, "matched"
@@ -290,6 +291,14 @@ def _fill_logits(index: GraphIndex, layers: list[DecoderLayer], ov: Overrides) -
 
 
 # ------------------------------------------------------------------ overrides
+def _with_folded_sizes(model: Any, index: GraphIndex) -> GraphIndex:
+    """With fixed inputs, attention shapes inference left open get resolved through folded sizes."""
+    softmax = [n.output[0] for n in index.graph.node if n.op_type == "Softmax"]
+    if dynamic_inputs(index) or all(is_static(index.shape(t)) for t in softmax):
+        return index
+    return GraphIndex.build(model, {**index.shapes, **shapes_with_folded_sizes(model)})
+
+
 def _with_override_shapes(model: Any, index: GraphIndex, ov: Overrides) -> GraphIndex:
     """The index with static shapes for every override tensor static inference left symbolic.
 
