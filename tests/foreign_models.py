@@ -433,3 +433,20 @@ def exported(name: str, exporter: str, batch: int, mask: bool, dynamic: bool = F
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return path
+
+
+def with_queries(module: ForeignDecoder, kept: list[int]) -> ForeignDecoder:
+    """A copy of ``module`` that has only the queries ``kept`` (ascending): the learned query
+    embedding sliced, everything else shared. GPQ's graph must compute exactly this."""
+    import copy
+
+    small = copy.copy(module)                    # shallow: shares every layer and head
+    small._parameters = dict(module._parameters)
+    small._modules = dict(module._modules)
+    small.sizes = replace(module.sizes, queries=len(kept))
+    index = torch.tensor(kept)
+    if isinstance(getattr(module, "query", None), nn.Parameter):              # nn.TransformerDecoder stacks
+        small.query = nn.Parameter(module.query.detach()[index])
+    else:                                                                      # DETR: query_position_embeddings
+        small.query_pos = nn.Embedding.from_pretrained(module.query_pos.weight.detach()[index])
+    return small
