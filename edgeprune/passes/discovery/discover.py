@@ -30,7 +30,7 @@ from edgeprune.passes.discovery.attention import AttentionMatch, find_attentions
     match_softmax_attention
 from edgeprune.passes.discovery.class_head import find_class_head, follows_layers
 from edgeprune.passes.discovery.guidance import dynamic_inputs, mask_candidates, no_decoder_message, \
-    symbolic_override_message
+    projection_guesses, symbolic_override_message
 from edgeprune.graph.index import GraphIndex, name_nodes
 from edgeprune.graph.ops import LAYOUT_OPS, STACK_VIEWS
 from edgeprune.graph.edit import shapes_with_folded_sizes
@@ -348,7 +348,8 @@ def _probs_layer(index: GraphIndex, i: int, spec: TensorSpec, attentions: Sequen
     pv = next((u.name for u in index.users(spec.tensor) if u.op_type == "MatMul" and u.input[0] == spec.tensor), "")
     return DecoderLayer(index=i, probs=probs, key_inputs=(), value_inputs=(), masks=(), pv_node=pv,
                         logits=logits, num_keys=int(shape[-1]),
-                        unmatched_masks=tuple(mask_candidates(index, spec.tensor, int(shape[-1]))))
+                        unmatched_masks=tuple(mask_candidates(index, spec.tensor, int(shape[-1]))),
+                        guesses=projection_guesses(index, spec.tensor, int(shape[-1])))
 
 
 def _consumer(index: GraphIndex, spec: TensorSpec, what: str, previous: Sequence[Any],
