@@ -194,10 +194,10 @@ class TorchPackedWeights(TorchStack):
 
 
 # --------------------------------------------------------------------------- Hugging Face DETR
-def _detr_config(sizes: Sizes, attn: str, cls_name: str = "DetrConfig") -> Any:
+def _detr_config(sizes: Sizes, attn: str, cls_name: str = "DetrConfig", **extra: Any) -> Any:
     import transformers
 
-    config = getattr(transformers, cls_name)(
+    config = getattr(transformers, cls_name)(**extra,
         d_model=sizes.embed, decoder_layers=sizes.layers, decoder_attention_heads=sizes.heads,
         decoder_ffn_dim=sizes.ffn, encoder_layers=1, encoder_attention_heads=sizes.heads,
         encoder_ffn_dim=sizes.ffn, num_queries=sizes.queries, num_labels=sizes.classes - 1, dropout=0.0,
@@ -264,6 +264,91 @@ class DetrStack(ForeignDecoder):
                 h.remove()
 
 
+class DetrAuxStack(DetrStack):
+    """``DetrDecoder`` with ``auxiliary_loss=True``, called whole as ``DetrForObjectDetection`` trains it:
+    each layer's output goes through the decoder's layernorm (which also feeds the next layer) and
+    is stacked; the class head runs once on the stack, ``class_labels_classifier(intermediate)``
+    (the auxiliary outputs). ONNX: Concat of every layer -> one MatMul + Add -> all_cls_scores."""
+
+    stacked_head = True
+
+    def __init__(self, attn: str, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        super().__init__(attn, sizes, seed)
+        self.name = f"detr-aux-{attn}"
+        self.config.auxiliary_loss = True
+
+    def forward(self, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        query_pos = self.query_pos.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        pixels = None if key_padding_mask is None else (~key_padding_mask).long()
+        out = self.decoder(inputs_embeds=torch.zeros_like(query_pos), encoder_hidden_states=memory,
+                           encoder_attention_mask=pixels, spatial_position_embeddings=key_pos,
+                           object_queries_position_embeddings=query_pos)
+        return self.class_labels_classifier(out.intermediate_hidden_states)          # [L, B, Nq, C]
+
+    def layer(self, i: int, hidden: Tensor, keys: Keys) -> Tensor:
+        return self.decoder.layernorm(super().layer(i, hidden, keys))
+
+    def logits(self, i: int, hidden: Tensor) -> Tensor:
+        return self.class_labels_classifier(hidden)
+
+
+class DetrWholeModel(DetrStack):
+    """The whole ``DetrForObjectDetection`` (a tiny ResNet backbone, the encoder, the decoder, the heads)
+    exported from ``pixel_values`` (+ ``pixel_mask``) to its ``logits``: the last layer's class scores
+    only, so earlier layers' logits are recomputed through the graph's own head. The layer loop
+    repeats ``DetrModel.forward`` up to the decoder (``prepare``)."""
+
+    final_only = True
+    stride = 32                     # the ResNet's feature map is the image / 32: sizes.height x sizes.width keys
+
+    def __init__(self, sizes: Sizes = Sizes(), seed: int = 0) -> None:
+        nn.Module.__init__(self)
+        from transformers import DetrForObjectDetection, ResNetConfig
+
+        torch.manual_seed(seed)
+        self.sizes, self.name = sizes, "detr-whole"
+        backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                out_features=["stage4"])
+        self.config = _detr_config(sizes, "eager", backbone_config=backbone)
+        self.detr = DetrForObjectDetection(self.config)
+        self.decoder = self.detr.model.decoder
+        self.query_pos = self.detr.model.query_position_embeddings
+        self.class_labels_classifier = self.detr.class_labels_classifier
+        for block in self.decoder.layers:      # the encoder's LayerNorm gives every memory token the same
+            _scale_(block.encoder_attn.q_proj.weight, 48.0)       # norm: flat attention unless q/k are scaled
+            _scale_(block.encoder_attn.k_proj.weight, 48.0)       # far more than the decoder-only stacks'
+        _scale_(self.class_labels_classifier.weight, 4.0)
+        self.eval()
+
+    def example_inputs(self, batch: int, mask: bool, seed: int = 0) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        s = self.sizes
+        inputs = {"pixel_values": torch.randn(batch, 3, s.height * self.stride, s.width * self.stride, generator=gen)}
+        if mask:                    # padded image columns: whole feature-map columns, as _padding pads keys
+            pad = _padding(batch, s).reshape(batch, s.height, s.width)
+            pixels = pad.repeat_interleave(self.stride, 1).repeat_interleave(self.stride, 2)
+            inputs["pixel_mask"] = (~pixels).long()
+        return inputs
+
+    def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> Tensor:   # type: ignore[override]
+        return self.detr(pixel_values=pixel_values, pixel_mask=pixel_mask).logits            # [B, Nq, C]
+
+    def prepare(self, inputs: dict[str, Tensor | None]) -> tuple[Tensor, Keys]:
+        model, pixels = self.detr.model, inputs["pixel_values"]
+        pixel_mask = inputs.get("pixel_mask")
+        batch = pixels.shape[0]
+        feature_map, mask = model.backbone(pixels, pixel_mask if pixel_mask is not None else
+                                           torch.ones(batch, *pixels.shape[2:], dtype=torch.long))[-1]
+        features = model.input_projection(feature_map).flatten(2).transpose(1, 2)
+        pos = model.position_embedding(shape=feature_map.shape, device=pixels.device, dtype=pixels.dtype,
+                                       mask=mask).flatten(2).transpose(1, 2)
+        memory = model.encoder(inputs_embeds=features, attention_mask=mask.flatten(1),
+                               spatial_position_embeddings=pos).last_hidden_state
+        hidden = torch.zeros(batch, self.sizes.queries, self.sizes.embed)
+        padding = None if pixel_mask is None else ~mask.flatten(1).bool()
+        return hidden, Keys(memory, pos, padding)
+
+
 class ConditionalDetrStack(DetrStack):
     """Hugging Face ``ConditionalDetrDecoder``: its cross-attention keys concatenate (per head) a
     content projection of the memory with a projection of the key position embedding (layer 0
@@ -308,6 +393,9 @@ MODELS = {
     "detr-eager": lambda: DetrStack("eager"),
     "detr-sdpa": lambda: DetrStack("sdpa"),
     "conditional-detr": lambda: ConditionalDetrStack("sdpa"),
+    "detr-aux-eager": lambda: DetrAuxStack("eager"),
+    "detr-aux-sdpa": lambda: DetrAuxStack("sdpa"),
+    "detr-whole": DetrWholeModel,
 }
 
 
@@ -318,17 +406,24 @@ def model(name: str) -> ForeignDecoder:
 
 
 @functools.lru_cache(maxsize=None)
-def exported(name: str, exporter: str, batch: int, mask: bool) -> Path:
-    """Path of a cached plain ``torch.onnx.export`` of ``model(name)`` (static shapes; read-only)."""
+def exported(name: str, exporter: str, batch: int, mask: bool, dynamic: bool = False) -> Path:
+    """Path of a cached plain ``torch.onnx.export`` of ``model(name)`` (read-only): static shapes, or
+    with ``dynamic`` a symbolic batch axis on every input (``dynamic_axes`` / ``dynamic_shapes``)."""
     module = model(name)
     inputs = module.example_inputs(batch, mask)
-    path = cache_dir() / f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}.onnx"
-    kwargs: dict[str, Any] = dict(input_names=list(inputs), output_names=["all_cls_scores"],
+    path = cache_dir() / f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}{'-dyn' * dynamic}.onnx"
+    output = "logits" if getattr(module, "final_only", False) else "all_cls_scores"
+    kwargs: dict[str, Any] = dict(input_names=list(inputs), output_names=[output],
                                   opset_version=EXPORTERS[exporter])
     if exporter == "dynamo":
         kwargs.update(dynamo=True, external_data=False, verbose=False, report=False, verify=False)
+        if dynamic:
+            batch_dim = torch.export.Dim("batch", min=1, max=8)
+            kwargs.update(dynamic_shapes={k: {0: batch_dim} for k in inputs})
     else:
         kwargs.update(dynamo=False)
+        if dynamic:
+            kwargs.update(dynamic_axes={k: {0: "batch"} for k in inputs})
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)      # TorchScript cannot export aten::_native_multi_head_attention
     try:
@@ -338,3 +433,20 @@ def exported(name: str, exporter: str, batch: int, mask: bool) -> Path:
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return path
+
+
+def with_queries(module: ForeignDecoder, kept: list[int]) -> ForeignDecoder:
+    """A copy of ``module`` that has only the queries ``kept`` (ascending): the learned query
+    embedding sliced, everything else shared. GPQ's graph must compute exactly this."""
+    import copy
+
+    small = copy.copy(module)                    # shallow: shares every layer and head
+    small._parameters = dict(module._parameters)
+    small._modules = dict(module._modules)
+    small.sizes = replace(module.sizes, queries=len(kept))
+    index = torch.tensor(kept)
+    if isinstance(getattr(module, "query", None), nn.Parameter):              # nn.TransformerDecoder stacks
+        small.query = nn.Parameter(module.query.detach()[index])
+    else:                                                                      # DETR: query_position_embeddings
+        small.query_pos = nn.Embedding.from_pretrained(module.query_pos.weight.detach()[index])
+    return small

@@ -15,6 +15,7 @@ examples:
   edgeprune rewrite decoder.onnx -o q.onnx --precision int8-dynamic
   edgeprune rewrite foreign.onnx -o pruned.onnx --method tggbc --r 1000 \\
       --override layer.0.logits=/head/cls_0/Add_output_0
+  edgeprune rewrite dynamic_batch.onnx -o pruned.onnx --method tggbc --r 1000 --inputs batch2.npz
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cls_output=NAME, heads=H (repeatable)")
     check = parser.add_argument_group("verification")
     check.add_argument("--no-verify", action="store_true", help="skip running both models and comparing outputs")
-    add_input_arguments(check, purpose="verification inputs")
+    add_input_arguments(check, purpose="verification inputs (their sizes also fix symbolic input sizes)")
     add_key_count_arguments(parser.add_argument_group("key reduction (--method tggbc, tome, random)"))
     add_calibration_arguments(parser.add_argument_group("calibration (--method gpq --keep-queries, --precision int8)"))
     registry.add_pass_arguments(parser)

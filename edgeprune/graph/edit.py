@@ -17,7 +17,9 @@ import numpy as np
 
 from edgeprune import _lazy
 from edgeprune.errors import PatternNotFoundError
-from edgeprune.graph.shapes import TensorInfo
+from edgeprune.graph.index import GraphIndex
+from edgeprune.graph.run import run_tensors
+from edgeprune.graph.shapes import TensorInfo, infer_shapes
 
 FLOAT, BOOL = 1, 9          # onnx.TensorProto element types
 
@@ -155,6 +157,60 @@ def cleanup(model: Any) -> Any:
     graph = gs.import_onnx(model)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return export_graph(gs, graph, model, keep_shapes=True)
+
+# Folded integer tensors are sizes and indices; anything bigger is data and stays computed.
+FOLD_BYTES = 64 * 1024
+
+
+def _size_frontier(index: GraphIndex) -> list[str]:
+    """Computed constants read by non-constant nodes: where constant size arithmetic ends."""
+    found = []
+    for node in index.graph.node:
+        if node.op_type == "Constant" or not all(index.is_constant(o) for o in node.output if o):
+            continue
+        if any(not all(index.is_constant(o) for o in user.output if o)
+               for out in node.output if out for user in index.users(out)):
+            found += [o for o in node.output if o]
+    return list(dict.fromkeys(found))
+
+
+def fold_computed_sizes(model: Any) -> list[str]:
+    """Replace integer tensors computed from fixed sizes (``Shape -> Gather -> Concat -> Reshape``,
+    a ``Range`` limit) by initializers, in place; the tensors folded.
+
+    Exports with symbolic sizes compute reshape targets from ``Shape`` ops, and so does
+    TorchScript where a size flows through ops it does not fold (DETR's whole model). With fixed
+    inputs (``shapes.pin_input_shapes``) those are constants: shape inference then resolves
+    what depends on them, and a pass that changes a key count retargets them like the literal
+    targets of a static export. Values come from one ONNX Runtime run (they depend on no input
+    value); only integers up to ``FOLD_BYTES`` are folded, so every value is exact. The dead
+    size arithmetic is left for the driver's cleanup.
+    """
+    onnx = _lazy.require("onnx")
+    if not any(node.op_type in ("Shape", "Size") for node in model.graph.node):
+        return []                               # nothing computes a size: skip shape inference
+    frontier = _size_frontier(GraphIndex.build(model))
+    values = {n: v for n, v in (run_tensors(model, frontier) if frontier else {}).items()
+              if np.issubdtype(v.dtype, np.integer) and v.nbytes <= FOLD_BYTES}
+    for name, value in values.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, f"{name}/folded"))
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name in values:
+                node.input[slot] = f"{name}/folded"
+    return list(values)
+
+
+def shapes_with_folded_sizes(model: Any) -> Any:
+    """Shapes of ``model``'s tensors as inference finds them once computed sizes are folded (on a copy).
+
+    For discovery on a graph with fixed inputs whose sizes inference cannot follow through
+    the ops that compute them (a ``Range`` whose limit comes from ``Shape``)."""
+    onnx = _lazy.require("onnx")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    fold_computed_sizes(copy)
+    return infer_shapes(copy)
 
 
 class WorkingModel:

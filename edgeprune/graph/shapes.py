@@ -9,9 +9,10 @@ inputs. That keeps models above protobuf's 2 GB limit inferable and avoids copyi
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 from edgeprune import _lazy
+from edgeprune.errors import ParameterError
 from edgeprune.graph.values import constant_node_value, tensor_nbytes
 
 log = logging.getLogger(__name__)
@@ -172,3 +173,34 @@ def numel(shape: Shape) -> int:
             raise ValueError(f"shape {shape} is not static")
         count *= dim
     return count
+
+
+def symbolic_inputs(model: Any) -> list[str]:
+    """Graph inputs (not initializers) with a symbolic or unknown dimension."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits and not is_static(shape_of(i))]
+
+
+def pin_input_shapes(model: Any, sizes: Mapping[str, Sequence[int]]) -> list[str]:
+    """Give symbolic graph inputs the static shapes ``sizes`` (in place); the names changed.
+
+    A pass that builds static reshapes (tgGBC needs the batch) rewrites the graph for one
+    size; with the inputs pinned, shape inference resolves every intermediate. Intermediate
+    value_info is dropped (it carries the old symbolic dims); a size that contradicts a static
+    dimension is refused.
+    """
+    changed = []
+    for info in model.graph.input:
+        declared, given = shape_of(info), sizes.get(info.name)
+        if given is None or declared is None or is_static(declared):
+            continue
+        if len(declared) != len(given) or any(isinstance(d, int) and d != g for d, g in zip(declared, given)):
+            raise ParameterError(f"input {info.name!r} of shape {list(given)} does not fit the model's "
+                                 f"{list(declared)}; give arrays of the model's shape")
+        for dim, size in zip(info.type.tensor_type.shape.dim, given):
+            dim.Clear()
+            dim.dim_value = int(size)
+        changed.append(info.name)
+    if changed:
+        del model.graph.value_info[:]
+    return changed

@@ -11,6 +11,9 @@ The output keeps the ``edgeprune.decoder_map`` record (a pass that changes what 
 such as GPQ's query count, updates it; discovery ignores a record naming tensors the graph no
 longer has, or whose query count disagrees with the graph) and appends the passes applied to
 ``edgeprune.rewrite``.
+
+Given inputs (``--inputs``) also fix the sizes of symbolic graph inputs before discovery: the
+passes build static graphs (tgGBC's reshapes carry the batch), so the result is for those sizes.
 """
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from edgeprune import _lazy
 from edgeprune.errors import InternalError
 from edgeprune.graph.edit import WorkingModel
 from edgeprune.graph.files import load_model, save_onnx
+from edgeprune.graph.shapes import pin_input_shapes
 from edgeprune.graph.values import initializer_nbytes
 from edgeprune.io import atomic_path, check_writable, write_target
 from edgeprune.passes.discovery.discover import discover
@@ -162,6 +168,9 @@ def rewrite(in_path: str | os.PathLike, out_path: str | os.PathLike, passes: Seq
     model = load_model(in_path)
     refuse_reducing_twice(model, chain, in_path)
     nodes_before, bytes_before = len(model.graph.node), initializer_nbytes(model)
+    pinned = pin_input_shapes(model, {k: np.shape(v) for k, v in verify_inputs.items()}) if verify_inputs else []
+    if pinned:
+        log.info("inputs %s fixed to the sizes of the given arrays", ", ".join(pinned))
     for p in chain:
         model = p.prepare(model) if hasattr(p, "prepare") else model
     structure = discover(model, ov)

@@ -19,16 +19,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgeprune.errors import InvalidModelError, ParameterError
-from edgeprune.graph.run import cpu_session
+from edgeprune.errors import ParameterError
+from edgeprune.graph.run import cpu_session, fits_declared as _fits, random_inputs  # noqa: F401 (re-exported)
 from edgeprune.io import read_npz
 
 log = logging.getLogger(__name__)
-
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-                "tensor(bool)": np.bool_, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-                "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
-
 
 @dataclass(frozen=True)
 class OutputDrift:
@@ -74,33 +69,6 @@ class VerifyReport:
 def session(path: str | os.PathLike) -> Any:
     """A CPU session without graph optimizations (see the module docstring)."""
     return cpu_session(path, optimize=False)
-
-
-def _concrete(shape: Any) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in shape)   # a static 0 stays 0
-
-
-def random_inputs(sess: Any, seed: int = 0, given: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Feeds for ``sess``: ``given`` arrays where their shape fits, seeded values otherwise."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for meta in sess.get_inputs():
-        dtype = _NUMPY_TYPES.get(meta.type)
-        if dtype is None:
-            raise InvalidModelError(f"input {meta.name!r} has type {meta.type}, which verification cannot "
-                                    "generate; pass inputs with --inputs X.npz or use --no-verify")
-        shape = _concrete(meta.shape)
-        if given is not None and meta.name in given and _fits(given[meta.name].shape, meta.shape):
-            feeds[meta.name] = np.asarray(given[meta.name]).astype(dtype, copy=False)
-        elif np.issubdtype(dtype, np.floating):
-            feeds[meta.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[meta.name] = np.zeros(shape, dtype=dtype)
-    return feeds
-
-
-def _fits(shape: tuple[int, ...], declared: Any) -> bool:
-    return len(shape) == len(declared) and all(not isinstance(d, int) or d == s for s, d in zip(shape, declared))
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -14,8 +14,9 @@ Two sources, in order:
    layer's logits are the inputs of the Concat that stacks the class output
    ``[L, B, Nq, C]``, checked to depend on that layer's attention and not the next one.
 
-``--override`` values (see ``overrides``) replace or supply any part. Nothing here runs ONNX
-Runtime; shapes come from static shape inference.
+``--override`` values (see ``overrides``) replace or supply any part. Shapes come from static
+shape inference; only an override tensor it leaves symbolic (with fixed graph inputs) is
+sized by one ONNX Runtime run.
 """
 from __future__ import annotations
 
@@ -28,9 +29,13 @@ from edgeprune.errors import InvalidModelError, PatternNotFoundError
 from edgeprune.passes.discovery.attention import AttentionMatch, find_attentions, find_projection, \
     match_softmax_attention
 from edgeprune.passes.discovery.class_head import find_class_head, follows_layers
-from edgeprune.passes.discovery.guidance import mask_candidates, no_decoder_message
+from edgeprune.passes.discovery.guidance import dynamic_inputs, mask_candidates, no_decoder_message, \
+    projection_guesses, symbolic_override_message
 from edgeprune.graph.index import GraphIndex, name_nodes
 from edgeprune.graph.ops import LAYOUT_OPS, STACK_VIEWS
+from edgeprune.graph.edit import shapes_with_folded_sizes
+from edgeprune.graph.run import run_shapes
+from edgeprune.graph.shapes import is_static
 from edgeprune.graph.values import attr
 from edgeprune.passes.discovery.overrides import Overrides, TensorSpec, parse_overrides
 from edgeprune.passes.discovery.structure import AttentionProbs, ClassHead, DecoderLayer, DecoderStructure, \
@@ -52,6 +57,7 @@ def discover(model: Any, overrides: Overrides | Mapping[str, str] | Sequence[str
     name_nodes(model)
     index = index or GraphIndex.build(model)
     ov = parse_overrides(overrides)
+    index = _with_override_shapes(model, _with_folded_sizes(model, index), ov)
     attentions = find_attentions(index)
     dmap = _usable_map(model, index)
     layers, source = None, "matched"
@@ -285,6 +291,33 @@ def _fill_logits(index: GraphIndex, layers: list[DecoderLayer], ov: Overrides) -
 
 
 # ------------------------------------------------------------------ overrides
+def _with_folded_sizes(model: Any, index: GraphIndex) -> GraphIndex:
+    """With fixed inputs, attention shapes inference left open get resolved through folded sizes."""
+    softmax = [n.output[0] for n in index.graph.node if n.op_type == "Softmax"]
+    if dynamic_inputs(index) or all(is_static(index.shape(t)) for t in softmax):
+        return index
+    return GraphIndex.build(model, {**index.shapes, **shapes_with_folded_sizes(model)})
+
+
+def _with_override_shapes(model: Any, index: GraphIndex, ov: Overrides) -> GraphIndex:
+    """The index with static shapes for every override tensor static inference left symbolic.
+
+    With fixed graph inputs their sizes are fixed too, only not inferable (sizes computed
+    from data, ops inference does not know): one ONNX Runtime run on seeded inputs gives them.
+    With symbolic inputs there is no one size to use: refused with the fix.
+    """
+    named = [spec.tensor for parts in ov.layers.values() for spec in parts.values()]
+    unknown = [t for t in dict.fromkeys(named) if index.has_tensor(t) and not is_static(index.shape(t))]
+    if not unknown:
+        return index
+    dynamic = dynamic_inputs(index)
+    if dynamic:
+        raise PatternNotFoundError(symbolic_override_message(index, unknown, dynamic))
+    sizes = run_shapes(model, unknown)
+    log.debug("override tensors with symbolic shapes resolved by an ONNX Runtime run: %s", sizes)
+    return GraphIndex.build(model, {**index.shapes, **sizes})
+
+
 def _require_tensor(index: GraphIndex, name: str, what: str) -> None:
     if not index.has_tensor(name):
         raise PatternNotFoundError(f"--override {what}: tensor {name!r} is not in the graph; check the name "
@@ -315,7 +348,8 @@ def _probs_layer(index: GraphIndex, i: int, spec: TensorSpec, attentions: Sequen
     pv = next((u.name for u in index.users(spec.tensor) if u.op_type == "MatMul" and u.input[0] == spec.tensor), "")
     return DecoderLayer(index=i, probs=probs, key_inputs=(), value_inputs=(), masks=(), pv_node=pv,
                         logits=logits, num_keys=int(shape[-1]),
-                        unmatched_masks=tuple(mask_candidates(index, spec.tensor, int(shape[-1]))))
+                        unmatched_masks=tuple(mask_candidates(index, spec.tensor, int(shape[-1]))),
+                        guesses=projection_guesses(index, spec.tensor, int(shape[-1])))
 
 
 def _consumer(index: GraphIndex, spec: TensorSpec, what: str, previous: Sequence[Any],

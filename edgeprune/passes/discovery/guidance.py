@@ -3,13 +3,18 @@
 A pass needs some parts of every decoder layer (tgGBC: probabilities, key and value
 projection inputs, class logits; a per-key mask when there is one). When some are missing
 the error lists all of them, all layers at once, as ``--override`` flags ready to paste,
-with the tensor discovery would guess where it has one and ``TENSOR`` where it has none::
+with the tensor discovery would guess where it has one (a per-key mask it saw; for a layer
+named by ``layer.N.probs`` the inputs of the projections feeding its keys and values, found by
+walking from the Softmax through ops the matcher does not know) and ``TENSOR`` where it has
+none::
 
     --method tggbc needs 3 parts discovery did not find; add: --override layer.0.logits=TENSOR
       --override layer.1.logits=TENSOR --override layer.1.mask=/attn1/Add_output_0
 
-The "export with fixed input sizes" hint appears only when a graph input really has a
-symbolic dimension; with fixed inputs an unknown intermediate shape is ours to infer.
+The "fix the input sizes" hint appears only when a graph input really has a symbolic
+dimension; with fixed inputs an unknown intermediate shape is ours to infer (static
+inference, else one ONNX Runtime run). ``rewrite --inputs X.npz`` fixes symbolic inputs to the
+arrays' sizes.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any, Iterable, Sequence
 from edgeprune.errors import PatternNotFoundError
 from edgeprune.graph.index import GraphIndex
 from edgeprune.graph.shapes import is_static
+from edgeprune.passes.discovery.attention import find_projections
 from edgeprune.passes.discovery.overrides import LAYER_PARTS
 from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure
 
@@ -31,6 +37,17 @@ def dynamic_inputs(index: GraphIndex) -> list[str]:
     return [name for name in sorted(index.inputs) if not is_static(index.shape(name))]
 
 
+FIX_INPUTS = ("give rewrite --inputs X.npz (one array per input; its sizes fix the graph's) or export with fixed "
+              "input sizes")
+
+
+def symbolic_override_message(index: GraphIndex, tensors: Sequence[str], dynamic: Sequence[str]) -> str:
+    """Override tensors whose sizes depend on symbolic graph inputs: no single size to rewrite for."""
+    shapes = "; ".join(f"{t} {list(index.shape(t) or ())}" for t in tensors)
+    return (f"--override names tensors without static shapes ({shapes}) because inputs {', '.join(dynamic)} have "
+            f"symbolic sizes: {FIX_INPUTS}")
+
+
 def no_decoder_message(index: GraphIndex, attentions: Sequence[Any]) -> str:
     """Why no decoder was found, and the override that names one."""
     softmax = [n for n in index.graph.node if n.op_type == "Softmax"]
@@ -39,7 +56,7 @@ def no_decoder_message(index: GraphIndex, attentions: Sequence[Any]) -> str:
     dynamic = dynamic_inputs(index)
     if unknown and dynamic:
         hint = (f"; {len(unknown)} Softmax outputs have no static shape because inputs {', '.join(dynamic)} have "
-                "symbolic sizes: export with fixed input sizes (or run onnxsim with --overwrite-input-shape)")
+                f"symbolic sizes: {FIX_INPUTS}")
     elif unknown:
         hint = f"; {len(unknown)} Softmax outputs have shapes shape inference could not resolve"
     return (f"no decoder cross-attention found: the graph has {len(softmax)} Softmax nodes, {len(attentions)} "
@@ -68,6 +85,54 @@ def mask_candidates(index: GraphIndex, probs: str | None, num_keys: int) -> list
             elif producer.op_type in _MASK_OPS and shape and len(shape) >= 2 and shape[-1] == num_keys:
                 found.append(name)
     return list(dict.fromkeys(found))
+
+
+def projection_guesses(index: GraphIndex, probs: str, num_keys: int) -> tuple[tuple[str, str], ...]:
+    """``--override`` values for the key and value projection inputs of the attention reading ``probs``.
+
+    For a layer the matcher could not follow (an op it does not know between the pieces): the
+    key side from the QK MatMul above the Softmax, the value side from the first MatMul below
+    it that reads the probabilities through any ops; each walked up to its projections.
+    """
+    node = index.producer.get(probs)
+    qk = _scores_matmul(index, node.input[0]) if node is not None and node.input else None
+    pv = _probs_matmul(index, probs)
+    found = []
+    for part, side in (("key", qk.input[1] if qk is not None else None), ("value", pv.input[1] if pv else None)):
+        pins = find_projections(index, side, num_keys) if side else None
+        if pins:
+            found.append((part, f"{pins[0].input.tensor}@{pins[0].input.consumer}"))
+    return tuple(found)
+
+
+def _scores_matmul(index: GraphIndex, tensor: str, depth: int = 12) -> Any | None:
+    """The first MatMul with computed keys (input 1) above ``tensor``, through ops on one computed
+    input (the queries may be constant: a first layer on learned queries)."""
+    for _ in range(depth):
+        node = index.producer.get(tensor)
+        if node is None:
+            return None
+        computed = [i for i in node.input if i and not index.is_constant(i)]
+        if node.op_type == "MatMul" and not index.is_constant(node.input[1]):
+            return node
+        if len(computed) != 1:
+            return None
+        tensor = computed[0]
+    return None
+
+
+def _probs_matmul(index: GraphIndex, probs: str, depth: int = 12) -> Any | None:
+    """The first MatMul reading ``probs`` as its left input (through one-output ops below it)."""
+    tensor = probs
+    for _ in range(depth):
+        users = index.users(tensor)
+        pv = [u for u in users if u.op_type == "MatMul" and u.input[0] == tensor and not index.is_constant(u.input[1])]
+        if pv:
+            return pv[0]
+        if len(users) != 1 or len(users[0].output) != 1:
+            return None
+        tensor = users[0].output[0]
+    return None
 
 
 def _from_scores(index: GraphIndex, tensor: str, depth: int = 8) -> bool:
@@ -100,7 +165,8 @@ def missing_parts(structure: DecoderStructure, parts: Iterable[str]) -> list[tup
     missing = []
     for layer in structure.layers:
         have = _have(structure, layer)
-        missing += [(layer.index, p, PLACEHOLDER) for p in wanted if not have[p]]
+        guesses = dict(layer.guesses)
+        missing += [(layer.index, p, guesses.get(p, PLACEHOLDER)) for p in wanted if not have[p]]
         if "key" in wanted and "mask" not in wanted and not layer.masks and layer.unmatched_masks:
             missing.append((layer.index, "mask", layer.unmatched_masks[0]))
     return missing

@@ -112,6 +112,9 @@ class DecoderLayer:
     # Masks on this layer's scores that discovery saw but could not record (a layer named by
     # overrides): a pass that gathers keys needs them named with ``--override layer.N.mask``.
     unmatched_masks: tuple[str, ...] = ()
+    # Discovery's guesses for parts it could not record (a layer named by overrides), as
+    # ``--override`` values: ``(("key", "TENSOR@NODE"), ("value", ...))``.
+    guesses: tuple[tuple[str, str], ...] = ()
 
     @property
     def logits_recomputed(self) -> bool:

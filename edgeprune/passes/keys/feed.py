@@ -285,10 +285,16 @@ class KeyReductionPass(BasePass):
     config: Any
 
     def prepare(self, model: Any) -> Any:
-        """Undo onnxsim's merged key projections (one MatMul + Split for all layers): later layers
-        must be able to read fewer keys than earlier ones. Nothing changes when nothing is reduced."""
+        """Undo onnxsim's merged key projections (one MatMul + Split for all layers) and fold target
+        shapes computed from ``Shape`` ops into constants: later layers must be able to read fewer
+        keys than earlier ones, and only constant targets can be retargeted. Nothing changes when
+        nothing is reduced."""
         if self.config.enabled:
+            from edgeprune.graph.edit import fold_computed_sizes
             from edgeprune.passes.discovery.normalize import split_shared_projections
 
+            folded = fold_computed_sizes(model)
+            if folded:
+                log.debug("folded %d computed target shapes into constants", len(folded))
             split_shared_projections(model)
         return model

@@ -314,7 +314,7 @@ def _check_model(model: Any, structure: DecoderStructure) -> int:
                                 "re-export it with --opset 17")
     if structure.batch < 1:
         raise InvalidModelError(f"tgGBC needs a static batch size, but discovery found batch {structure.batch}; "
-                                "export with a fixed batch (--batch B)")
+                                "give rewrite --inputs X.npz (its sizes fix the graph's inputs) or export with a fixed batch")
     return opset
 
 

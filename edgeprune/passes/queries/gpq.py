@@ -83,6 +83,15 @@ class QueryPruningPass(BasePass):
         return cls(keep_indices=load_keep_indices(path) if path is not None else None, keep_queries=k,
                    calib=load_calibration(calib) if calib is not None and k is not None else None)
 
+    def prepare(self, model: Any) -> Any:
+        """Fold target shapes computed from ``Shape`` ops into constants (TorchScript's
+        ``nn.MultiheadAttention`` with ``batch_first``, exports with symbolic sizes once the inputs
+        are fixed): the query-axis analysis slices literal shapes only."""
+        from edgeprune.graph.edit import fold_computed_sizes
+
+        fold_computed_sizes(model)
+        return model
+
     def apply(self, working: Any, structure: Any) -> None:
         model = working.proto()
         space = resolve_query_space(model, structure)

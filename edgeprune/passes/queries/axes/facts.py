@@ -35,7 +35,8 @@ class GraphFacts:
             return self.shapes[name]
         except KeyError:
             raise QueryAxisError(f"tensor {name!r} has no static shape after shape inference; "
-                                 "GPQ needs a graph with static shapes (export with a fixed batch)") from None
+                                 "GPQ needs static shapes: with symbolic graph inputs give rewrite --inputs X.npz (its sizes fix them) "
+                                 "or export with fixed sizes") from None
 
 
 def index_facts(inferred: Any) -> GraphFacts:

@@ -1,0 +1,144 @@
+"""GPQ and ToMe on the foreign corpus (``foreign_models``), against PyTorch oracles.
+
+GPQ: the graph shrunk to the queries ``KEEP`` must compute what the module computes with only
+those queries (its learned query embedding sliced: ``foreign_models.with_queries``), within
+1e-4; the one-shot ranking (``--keep-queries K --calib``) must pick the queries whose
+last-layer class score (max over classes, mean over the batch; methods.md) is highest in the
+torch module. ToMe: the merged graph must equal ToMe's reference steps
+(``edgeprune.methods.tome``: metric from the layer's key projection, bipartite matching,
+size-weighted merge of every per-key tensor) run between the module's layers, where the key
+projection is one Linear on one key input; masked keys are refused in one line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import Tensor
+
+import foreign_models as fm
+from edgeprune.errors import PatternNotFoundError
+from edgeprune.methods.gpq import query_scores
+from edgeprune.methods.tggbc import schedule
+from edgeprune.methods.tome import bipartite_soft_matching, key_metric, matching_margin, merge_weighted
+from edgeprune.passes.driver import rewrite
+from edgeprune.passes.keys.tome import TokenMergingPass
+from edgeprune.passes.queries.gpq import QueryPruningPass
+from test_foreign_graphs import TOL, run_onnx
+
+KEEP = [0, 3, 4, 9, 12, 17]
+GPQ_CASES = [("torch-bf", "torchscript", 1, False), ("detr-sdpa", "dynamo", 2, True),
+             ("conditional-detr", "torchscript", 2, True), ("detr-aux-eager", "dynamo", 1, False),
+             ("torch-sf", "torchscript", 2, True), ("detr-eager", "torchscript", 1, False)]
+QUICK_GPQ = GPQ_CASES[:2]
+
+
+def _needs_transformers(name: str) -> None:
+    if "detr" in name:
+        pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
+
+
+def _param(case: tuple, quick: list) -> object:
+    return pytest.param(case, id="-".join(str(c) for c in case), marks=() if case in quick else (pytest.mark.slow,))
+
+
+@pytest.mark.parametrize("case", [_param(c, QUICK_GPQ) for c in GPQ_CASES])
+def test_gpq_on_foreign_graph_equals_module_with_kept_queries(case: tuple, tmp_path: Path) -> None:
+    name, exporter, batch, mask = case
+    _needs_transformers(name)
+    module = fm.model(name)
+    inputs = module.example_inputs(batch, mask)
+    out = tmp_path / "gpq.onnx"
+    rewrite(fm.exported(name, exporter, batch, mask), out, [QueryPruningPass(keep_indices=KEEP)], verify=False)
+    with torch.no_grad():
+        expected = fm.with_queries(module, KEEP)(**inputs)                     # [L, B, K, C]
+        full = module(**inputs)
+    assert expected.shape[-2] == len(KEEP)
+    got = run_onnx(out, inputs)
+    assert got.shape == tuple(expected.shape)
+    assert np.abs(got - expected.numpy()).max() < TOL
+    assert float((expected - full[..., KEEP, :]).abs().max()) > 1e-3      # queries interact: not a mere slice
+
+
+@pytest.mark.slow
+def test_gpq_one_shot_keeps_the_best_scoring_queries(tmp_path: Path) -> None:
+    """--keep-queries K --calib: the kept set is the top K of the torch module's last-layer scores."""
+    pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
+    module, k = fm.model("detr-sdpa"), 6
+    inputs = module.example_inputs(2, True)
+    with torch.no_grad():
+        scores = query_scores(module(**inputs)[-1])                              # [Nq]
+    ranked = scores.double().sort(descending=True).values
+    assert float(ranked[k - 1] - ranked[k]) > 1e-4, "near tie at the ranking boundary"
+    top = sorted(scores.topk(k).indices.tolist())
+    calib = {n: v.numpy() for n, v in inputs.items()}
+    out = tmp_path / "gpq.onnx"
+    rewrite(fm.exported("detr-sdpa", "torchscript", 2, True), out, [QueryPruningPass(keep_queries=k, calib=calib)],
+            verify=False)
+    with torch.no_grad():
+        expected = fm.with_queries(module, top)(**inputs)
+    assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
+
+
+# ------------------------------------------------------------------ ToMe
+# (model, exporter, r, n): DETR's matchings are decided by clear margins at 40 keys merged after layer 0
+TOME_CASES = [("torch-bf", "torchscript", 100, 2), ("torch-sf", "dynamo", 100, 2), ("detr-eager", "torchscript", 40, 1),
+              ("detr-sdpa", "dynamo", 40, 1)]
+
+
+def _key_projection(module: fm.ForeignDecoder, layer: int) -> tuple[Tensor, Tensor | None, int]:
+    """(weight [h*d, E], bias, heads) of layer ``layer``'s key projection."""
+    if isinstance(module, fm.TorchStack):
+        attn, e = module.decoder.layers[layer].multihead_attn, module.sizes.embed
+        return attn.in_proj_weight[e:2 * e], attn.in_proj_bias[e:2 * e], attn.num_heads
+    proj = module.decoder.layers[layer].encoder_attn.k_proj
+    return proj.weight, proj.bias, module.sizes.heads
+
+
+def torch_tome(module: fm.ForeignDecoder, inputs: dict[str, Tensor], r: int, n: int) -> tuple[Tensor, float]:
+    """``all_cls_scores`` of ``module`` with ToMe merging keys between its layers, and the smallest
+    matching margin."""
+    drops = schedule(r, n, module.sizes.layers)
+    out, margin = [], float("inf")
+    with torch.no_grad():
+        hidden, keys = module.prepare(inputs)
+        size = torch.ones(keys.memory.shape[0], keys.memory.shape[1], 1)
+        for layer in range(module.sizes.layers):
+            hidden = module.layer(layer, hidden, keys)
+            out.append(module.logits(layer, hidden))
+            if drops[layer] and layer < module.sizes.layers - 1:
+                key_input = keys.memory if keys.pos is None else keys.memory + keys.pos
+                metric = key_metric(key_input, *_key_projection(module, layer))
+                margin = min(margin, matching_margin(metric, drops[layer]))
+                matching = bipartite_soft_matching(metric, drops[layer])
+                tensors = [keys.memory] + ([keys.pos] if keys.pos is not None else [])
+                merged, size = merge_weighted(tensors, size, matching)
+                keys = fm.Keys(merged[0], merged[1] if keys.pos is not None else None, None)
+    return torch.stack(out), margin
+
+
+@pytest.mark.parametrize("case", [_param(c, TOME_CASES[:1]) for c in TOME_CASES])
+def test_tome_on_foreign_graph_equals_reference(case: tuple, tmp_path: Path) -> None:
+    name, exporter, r, n = case
+    _needs_transformers(name)
+    module = fm.model(name)
+    inputs = module.example_inputs(1, False)
+    expected, margin = torch_tome(module, inputs, r, n)
+    assert margin > 1e-5, f"matching decided within {margin:.1e}: the comparison would test ties"
+    with torch.no_grad():
+        assert float((expected - module(**inputs)).abs().max()) > 1e-2
+    out = tmp_path / "tome.onnx"
+    rewrite(fm.exported(name, exporter, 1, False), out, [TokenMergingPass(r=r, n=n)], verify=False)
+    assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
+
+
+def test_tome_refuses_masked_keys_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
+    out = tmp_path / "tome.onnx"
+    with pytest.raises(PatternNotFoundError) as err:
+        rewrite(fm.exported("detr-sdpa", "dynamo", 2, True), out, [TokenMergingPass(r=100, n=2)], verify=False)
+    assert "\n" not in str(err.value) and "mask" in str(err.value) and "tggbc" in str(err.value)
+    assert not out.exists()
