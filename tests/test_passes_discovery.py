@@ -364,8 +364,12 @@ def test_missing_part_names_the_override_that_supplies_it() -> None:
         require_parts(structure, ["logits"], "--method tggbc")
     fixed = discover(model, ["layer.0.logits=l0.logits", "layer.1.logits=l1.logits"])
     require_parts(fixed, ["logits"])
-    with pytest.raises(PatternNotFoundError, match=r"layer\.1\.logits: tensor 'nope' is not in the graph"):
+    with pytest.raises(PatternNotFoundError, match=r"names 1 tensor\(s\) or node\(s\) not in the graph: "
+                       r"layer\.1\.logits=nope;"):
         discover(model, ["layer.1.logits=nope"])
+    with pytest.raises(PatternNotFoundError, match=r"names 2 .*: layer\.0\.logits=l0\.logits@no_node, "
+                       r"layer\.1\.logits=nope;"):                                     # every wrong name at once
+        discover(model, ["layer.0.logits=l0.logits@no_node", "layer.1.logits=nope"])
 
 
 def test_graph_without_decoder_is_an_error() -> None:

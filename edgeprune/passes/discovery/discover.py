@@ -37,7 +37,7 @@ from edgeprune.graph.edit import shapes_with_folded_sizes
 from edgeprune.graph.run import run_shapes
 from edgeprune.graph.shapes import is_static
 from edgeprune.graph.values import attr
-from edgeprune.passes.discovery.overrides import Overrides, TensorSpec, parse_overrides
+from edgeprune.passes.discovery.overrides import Overrides, TensorSpec, parse_overrides, require_names
 from edgeprune.passes.discovery.structure import AttentionProbs, ClassHead, DecoderLayer, DecoderStructure, \
     MaskInput, ProjectionInput
 
@@ -57,6 +57,7 @@ def discover(model: Any, overrides: Overrides | Mapping[str, str] | Sequence[str
     name_nodes(model)
     index = index or GraphIndex.build(model)
     ov = parse_overrides(overrides)
+    require_names(index, ov)
     index = _with_override_shapes(model, _with_folded_sizes(model, index), ov)
     attentions = find_attentions(index)
     dmap = _usable_map(model, index)

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from edgeprune.errors import ParameterError
+from edgeprune.errors import ParameterError, PatternNotFoundError
+from edgeprune.graph.index import GraphIndex
 
 LAYER_PARTS: dict[str, str] = {
     "probs": "cross-attention probabilities (softmax output, [B, h, Nq, Nk])",
@@ -93,3 +94,16 @@ def parse_overrides(items: Iterable[str] | Mapping[str, str] | Overrides | None)
         else:
             raise ParameterError(f"unknown --override key {key!r}: expected {SYNTAX}")
     return Overrides(layers, cls_output, heads)
+
+
+def require_names(index: GraphIndex, ov: Overrides) -> None:
+    """Every override tensor or node that is not in the graph, named in one error (not the first only)."""
+    node_names = {n.name for n in index.graph.node}
+    wrong = [f"layer.{i}.{part}={spec.tensor}" + (f"@{spec.node}" if spec.node else "")
+             for i, parts in sorted(ov.layers.items()) for part, spec in parts.items()
+             if not index.has_tensor(spec.tensor) or (spec.node is not None and spec.node not in node_names)]
+    if ov.cls_output is not None and not index.has_tensor(ov.cls_output):
+        wrong.append(f"cls_output={ov.cls_output}")
+    if wrong:
+        raise PatternNotFoundError(f"--override names {len(wrong)} tensor(s) or node(s) not in the graph: "
+                                   f"{', '.join(wrong)}; check the names (e.g. with a graph viewer such as Netron)")
