@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import handwritten_decoder as hd
+from edgeprune.cli.main import main
 from edgeprune.errors import PatternNotFoundError
 from edgeprune.passes.discovery.discover import discover
 from edgeprune.passes.discovery.guidance import require_parts
@@ -353,7 +354,7 @@ def test_unmatched_attention_is_a_clear_error_and_overrides_supply_it() -> None:
     require_parts(structure, ["probs", "key", "value", "logits"])
 
 
-def test_missing_part_names_the_override_that_supplies_it() -> None:
+def test_missing_part_names_the_override_that_supplies_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = GraphBuilder("unfused").build()
     model.graph.output.pop(0)                                       # no stacked class output any more
     structure = discover(model)
@@ -364,6 +365,11 @@ def test_missing_part_names_the_override_that_supplies_it() -> None:
         require_parts(structure, ["logits"], "--method tggbc")
     fixed = discover(model, ["layer.0.logits=l0.logits", "layer.1.logits=l1.logits"])
     require_parts(fixed, ["logits"])
+    path = tmp_path / "no_logits.onnx"
+    onnx.save(model, str(path))
+    assert main(["inspect", str(path)]) == 0                  # inspect shows the same flags
+    assert ("missing for --method tggbc: 2 part(s); name them with: --override layer.0.logits=TENSOR "
+            "--override layer.1.logits=TENSOR") in capsys.readouterr().out
     with pytest.raises(PatternNotFoundError, match=r"names 1 tensor\(s\) or node\(s\) not in the graph: "
                        r"layer\.1\.logits=nope;"):
         discover(model, ["layer.1.logits=nope"])

@@ -65,6 +65,19 @@ def _head_lines(desc: Any) -> List[str]:
     return lines
 
 
+def _missing_lines(desc: Any) -> List[str]:
+    """What tgGBC would still need, as the ready-to-paste flags its rewrite error gives."""
+    from edgeprune.passes.discovery.guidance import LAYER_PARTS, missing_parts
+    from edgeprune.passes.registry import get_method
+
+    needs = get_method("tggbc").requires
+    missing = missing_parts(desc.structure, [p for p in LAYER_PARTS if p in needs])
+    if not missing:
+        return []
+    return [f"missing for --method tggbc: {len(missing)} part(s); name them with: "
+            + " ".join(f"--override layer.{i}.{p}={t}" for i, p, t in missing)]
+
+
 def _estimate_lines(desc: Any) -> List[str]:
     e = desc.estimate
     keys = [layer.num_keys for layer in e.after.layers]
@@ -89,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
           f"FFN {desc.sizes.ffn_dims or '?'}, batch {s.batch}")
     for line in _table(desc):
         print(line)
-    for line in _head_lines(desc):
+    for line in _head_lines(desc) + _missing_lines(desc):
         print(line)
     if desc.estimate is not None:
         for line in _estimate_lines(desc):
