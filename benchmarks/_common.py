@@ -146,8 +146,12 @@ def export_model(preset: str, scope: str, path: Path, *, layers: Optional[int] =
     return model, report
 
 
-def timed_rewrite(src: Path, dst: Path, passes: Sequence[Any], precision: str = "fp32") -> float:
-    """``edgeprune.passes.driver.rewrite`` without its verification run; returns the seconds taken."""
+def timed_rewrite(src: Path, dst: Path, passes: Sequence[Any], precision: Any = "fp32") -> float:
+    """``edgeprune.passes.driver.rewrite`` without its verification run; returns the seconds taken.
+
+    ``precision``: a registered precision name, or a precision pass instance (static int8 needs
+    one built with its calibration data).
+    """
     from edgeprune.passes.driver import rewrite
 
     started = time.perf_counter()
