@@ -75,7 +75,7 @@ def test_a_one_layer_decoder_cannot_prune(tmp_path, capsys, monkeypatch):
 def test_key_counts_with_a_method_that_ignores_them(work, capsys):
     line = refused(capsys, work, "rewrite", "d.onnx", "-o", "o.onnx", "--method", "gpq", "--r", "10",
                    "--keep-queries", "5", "--calib", "x.npz")
-    assert line.endswith("--r 10 has no effect with --method gpq; key counts are for --method tggbc / tome")
+    assert line.endswith("--r 10 has no effect with --method gpq; key counts are for --method tggbc / tome / random")
 
 
 def test_pruning_a_pruned_model_is_refused(work, capsys):
