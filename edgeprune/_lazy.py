@@ -26,6 +26,7 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        _reraise_interrupt(exc)
         extra, why = _EXTRAS.get(module.split(".")[0], ("all", "this feature"))
         raise DependencyError(
             f"{module} is needed for {why} but is not installed ({exc}); "
@@ -33,10 +34,22 @@ def require(module: str) -> ModuleType:
         ) from exc
 
 
+def _reraise_interrupt(exc: BaseException) -> None:
+    """A Ctrl-C or SIGTERM that lands while a C extension initialises (pybind11 reports it as
+    ``ImportError: initialization failed`` caused by the interrupt) is the interrupt, not a
+    missing package: raise it again so the command stops and cleans up as it would anywhere."""
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause
+        cause = cause.__cause__ or cause.__context__
+
+
 def available(module: str) -> bool:
     """True when ``module`` can be imported."""
     try:
         importlib.import_module(module)
-    except ImportError:
+    except ImportError as exc:
+        _reraise_interrupt(exc)
         return False
     return True

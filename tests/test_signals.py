@@ -83,3 +83,21 @@ def test_remote_bench_stops_the_agent_and_its_shell(loopback_sshd, loopback_prof
     sessions = list(board.rglob("session-*"))
     assert sessions == [], sessions                       # per-run remote files removed
     assert not (work / "r.json").exists() and list((work / "tmp").iterdir()) == []
+
+
+def test_an_interrupt_during_an_extension_import_is_the_interrupt(tmp_path, monkeypatch):
+    """pybind11 turns a signal landing in module init into ImportError('initialization failed')
+    caused by it: edgeprune must stop as interrupted, not report a missing package."""
+    from edgeprune._lazy import available, require
+    from edgeprune.errors import DependencyError
+
+    (tmp_path / "ext_interrupted.py").write_text(
+        "try:\n    raise KeyboardInterrupt\nexcept KeyboardInterrupt as e:\n"
+        "    raise ImportError('initialization failed') from e\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        require("ext_interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        available("ext_interrupted")
+    with pytest.raises(DependencyError, match="not installed"):
+        require("ext_that_does_not_exist")
