@@ -319,16 +319,9 @@ def _with_override_shapes(model: Any, index: GraphIndex, ov: Overrides) -> Graph
     return GraphIndex.build(model, {**index.shapes, **sizes})
 
 
-def _require_tensor(index: GraphIndex, name: str, what: str) -> None:
-    if not index.has_tensor(name):
-        raise PatternNotFoundError(f"--override {what}: tensor {name!r} is not in the graph; check the name "
-                                   "(e.g. with a graph viewer such as Netron)")
-
-
 def _probs_layer(index: GraphIndex, i: int, spec: TensorSpec, attentions: Sequence[AttentionMatch],
                  ov: Overrides, old: DecoderLayer | None) -> DecoderLayer:
     """Layer ``i`` from a probabilities override, matched around it when possible."""
-    _require_tensor(index, spec.tensor, f"layer.{i}.probs")
     logits = old.logits if old is not None else None
     match = next((m for m in attentions if m.probs.tensor == spec.tensor), None)
     producer = index.producer.get(spec.tensor)
@@ -376,7 +369,6 @@ def _consumer(index: GraphIndex, spec: TensorSpec, what: str, previous: Sequence
 def _projection_override(index: GraphIndex, i: int, part: str, spec: TensorSpec,
                          layer: DecoderLayer) -> ProjectionInput:
     what = f"layer.{i}.{part}"
-    _require_tensor(index, spec.tensor, what)
     previous = layer.key_inputs if part == "key" else layer.value_inputs
     consumer, idx = _consumer(index, spec, what, previous, ("MatMul", "Gemm", "Reshape"))
     shape = index.shape(spec.tensor) or ()
@@ -394,7 +386,6 @@ def _projection_override(index: GraphIndex, i: int, part: str, spec: TensorSpec,
 
 def _mask_override(index: GraphIndex, i: int, spec: TensorSpec, layer: DecoderLayer) -> MaskInput:
     what = f"layer.{i}.mask"
-    _require_tensor(index, spec.tensor, what)
     consumer, idx = _consumer(index, spec, what, layer.masks,
                               ("Add", "Where", "Attention", "MultiHeadAttention"))
     shape = index.shape(spec.tensor) or (None,)
@@ -412,7 +403,6 @@ def _override_layer(index: GraphIndex, i: int, layer: DecoderLayer, ov: Override
         layer = replace(layer, masks=(_mask_override(index, i, spec, layer),))
     spec = ov.get(i, "logits")
     if spec is not None:
-        _require_tensor(index, spec.tensor, f"layer.{i}.logits")
         layer = replace(layer, logits=spec.tensor)
     return layer
 
