@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of the geometric warm start of the position embeddings (default 100; 0: none)")
     parser.add_argument("--batch", type=int, default=2, help="scenes per step (default 2)")
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    parser.add_argument("--token-weight", type=float, default=1.0,
+                        help="weight of the dense token supervision, a training-only head that teaches every "
+                             "image token its object's class and depth (default 1; 0: off)")
+    parser.add_argument("--denoise", type=int, default=2, metavar="COPIES",
+                        help="query denoising: COPIES positive and COPIES negative training-only queries per "
+                             "ground-truth box (default 2; 0: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--save-every", type=float, default=5.0, metavar="MINUTES",
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("edgeprune.training").setLevel(logging.INFO)
     cfg = TrainConfig(data=args.data, output=args.output, state=state, steps=args.steps, grow_step=args.grow_step, geometry_steps=args.geometry_steps,
                       time_budget_s=None if args.time_budget is None else args.time_budget * 60,
-                      batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+                      batch=args.batch, lr=args.lr, seed=args.seed, token_weight=args.token_weight,
+                      denoise_copies=args.denoise, threads=args.threads,
                       save_every_s=args.save_every * 60, limit=args.limit, resume=args.resume)
     summary = train(cfg)
     print(f"trained {int(summary['steps'])} steps in {summary['seconds'] / 60:.1f} min; "

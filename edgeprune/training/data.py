@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from edgeprune.data import boxes as box_code
+from edgeprune.data.render import Rig
 from edgeprune.data.format import SynthDataset, load_dataset, model_images
 from edgeprune.errors import ParameterError
 from edgeprune.evaluation.evaluate import MIN_VISIBLE_PIXELS
+from edgeprune.training.dense import TokenTargets, token_targets
 from edgeprune.training.losses import Target
 
 
@@ -35,6 +37,9 @@ class TrainingSet:
             raise ParameterError(f"{path} holds no scenes; generate some with edgeprune dataset synth")
         self.images = np.stack([self.dataset.images(i) for i in range(count)])   # uint8 [S, 6, H, W, 3]
         self.targets = [self._target(i) for i in range(count)]
+        rig = Rig(self.dataset.meta.intrinsics, self.dataset.meta.cam2lidar, tuple(self.dataset.meta.image_size))
+        self.token_targets: list[TokenTargets] = [
+            token_targets(self.dataset.ground_truth(i, MIN_VISIBLE_PIXELS), rig) for i in range(count)]
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -52,10 +57,11 @@ class TrainingSet:
         code = box_code.encode(gt, self.dataset.meta.point_cloud_range)
         return Target(torch.from_numpy(gt.labels.copy()), torch.from_numpy(code).float())
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, list[Target]]:
-        """-> (images float32 ``[b, 6, 3, H, W]``, their targets)."""
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, list[Target], list[TokenTargets]]:
+        """-> (images float32 ``[b, 6, 3, H, W]``, their box targets, their token targets)."""
         images = torch.from_numpy(model_images(self.images[indices]))
-        return images, [self.targets[int(i)] for i in indices]
+        return (images, [self.targets[int(i)] for i in indices],
+                [self.token_targets[int(i)] for i in indices])
 
 
 def epoch_order(num_scenes: int, seed: int, epoch: int) -> np.ndarray:

@@ -24,9 +24,12 @@ from edgeprune.models.attention import set_need_weights
 from edgeprune.models.build import build_model
 from edgeprune.models.config import ModelPreset
 from edgeprune.training.data import TrainingSet, batch_indices
+from edgeprune.training.dense import TokenHead, token_loss
+from edgeprune.training.denoise import denoise_loss, make_queries, run_queries
 from edgeprune.training.geometry import warm_start_geometry
-from edgeprune.training.losses import set_loss
-from edgeprune.training.setup import grow_decoder, half_state, init_for_training, lr_factor, optimizer, run_layers
+from edgeprune.training.losses import BOX_WEIGHT, CLS_WEIGHT, set_loss
+from edgeprune.training.setup import (PRIOR_PROB, grow_decoder, half_state, init_for_training, lr_factor, optimizer,
+                                      prior_bias, run_layers)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     clip: float = 0.1
+    token_weight: float = 1.0           # dense token supervision (edgeprune.training.dense); 0: off
+    denoise_copies: int = 2             # denoising queries per box and kind (edgeprune.training.denoise); 0: off
     warmup: int = 30
     seed: int = 0
     threads: int = 2
@@ -66,10 +71,18 @@ class Progress:
     elapsed_s: float = 0.0
 
 
-def _save_state(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Progress) -> None:
+@dataclass
+class Trainee:
+    """What a run trains: the detector and its training-only token head."""
+
+    model: torch.nn.Module
+    tokens: TokenHead
+
+
+def _save_state(cfg: TrainConfig, trainee: Trainee, opt: torch.optim.Optimizer, progress: Progress) -> None:
     with atomic_path(cfg.state) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "progress": asdict(progress),
-                    "config": asdict(cfg)}, tmp)
+        torch.save({"model": trainee.model.state_dict(), "tokens": trainee.tokens.state_dict(),
+                    "optimizer": opt.state_dict(), "progress": asdict(progress), "config": asdict(cfg)}, tmp)
 
 
 def _fraction(cfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -87,18 +100,20 @@ def _should_grow(cfg: TrainConfig, progress: Progress, fraction: float) -> bool:
     return fraction >= cfg.grow_at
 
 
-def prepare(cfg: TrainConfig) -> tuple[torch.nn.Module, TrainingSet, torch.optim.Optimizer, Progress]:
+def prepare(cfg: TrainConfig) -> tuple[Trainee, TrainingSet, torch.optim.Optimizer, Progress]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, "full", seed=cfg.seed, shipped_weights=False)
     model.train()
     data = TrainingSet(cfg.data, model.preset.image_size, cfg.limit)
     init_for_training(model, cfg.seed, data.pc_range)
-    opt = optimizer(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay)
+    tokens = TokenHead(model.preset.decoder.embed_dims, model.preset.decoder.num_classes, prior_bias(PRIOR_PROB))
+    opt = optimizer(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay, extra=tokens)
     progress = Progress()
     if cfg.resume and Path(cfg.state).is_file():
         saved = torch.load(cfg.state, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
+        tokens.load_state_dict(saved["tokens"])
         opt.load_state_dict(saved["optimizer"])
         progress = Progress(**saved["progress"])
         log.info("resumed from %s at step %d", cfg.state, progress.step)
@@ -106,25 +121,40 @@ def prepare(cfg: TrainConfig) -> tuple[torch.nn.Module, TrainingSet, torch.optim
     if progress.step == 0 and cfg.geometry_steps:
         warm_start_geometry(model, data.pc_range, cfg.geometry_steps, seed=cfg.seed)
     set_need_weights(model, False)
-    return model, data, opt, progress
+    return Trainee(model, tokens), data, opt, progress
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: TrainingSet, indices: np.ndarray,
-               clip: float) -> tuple[float, dict[str, float]]:
-    """One optimiser step on the scenes ``indices``; -> (loss, last-layer loss parts)."""
-    images, targets = data.batch(indices)
-    cls, boxes = model(images)
-    loss, parts = set_loss(cls, boxes, targets, data.pc_range)
+def train_step(trainee: Trainee, opt: torch.optim.Optimizer, data: TrainingSet, indices: np.ndarray,
+               cfg: TrainConfig, step: int) -> tuple[float, dict[str, float]]:
+    """One optimiser step on the scenes ``indices``; -> (loss, last-layer, token and denoising loss parts)."""
+    images, targets, token_targets = data.batch(indices)
+    memory, key_pos = trainee.model.image_tokens(images)
+    head = trainee.model.head
+    out = head(memory, key_pos)
+    loss, parts = set_loss(out.all_cls_scores, out.all_bbox_preds, targets, data.pc_range)
+    if cfg.token_weight > 0:
+        dense, dense_parts = token_loss(trainee.tokens(memory), token_targets, trainee.tokens.num_classes)
+        loss = loss + cfg.token_weight * dense
+        parts.update(dense_parts)
+    if cfg.denoise_copies > 0:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)     # a resumed run draws the same
+        queries = make_queries(targets, data.pc_range, gen, cfg.denoise_copies)
+        dn_logits, dn_boxes = run_queries(head, memory, key_pos, queries.ref)
+        dn, dn_parts = denoise_loss(dn_logits, dn_boxes, queries, data.pc_range, CLS_WEIGHT, BOX_WEIGHT)
+        loss = loss + dn
+        parts.update(dn_parts)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
     opt.step()
     return float(loss.detach()), parts
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run the training of ``cfg``; returns a summary (steps, seconds, last losses)."""
-    model, data, opt, progress = prepare(cfg)
+    trainee, data, opt, progress = prepare(cfg)
+    model = trainee.model
     log.info("training %s on %d scenes of %s: %s", model.preset.name, len(data), cfg.data, asdict(cfg))
     model.train()
     began = time.monotonic() - progress.elapsed_s
@@ -145,22 +175,24 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         t0 = time.monotonic()
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(progress.step, fraction, cfg.warmup)
-        loss_value, parts = train_step(model, opt, data, indices, cfg.clip)
+        loss_value, parts = train_step(trainee, opt, data, indices, cfg, progress.step)
         step_times.append(time.monotonic() - t0)
         if progress.step % cfg.log_every == 0:
-            log.info("step %d (%.0f%%) layers %d loss %.4f last-layer cls %.4f box %.4f lr %.2e %.2f s/step "
-                     "elapsed %.0f s", progress.step, 100 * fraction, model.head.cfg.num_layers, loss_value,
-                     parts["cls"], parts["box"], opt.param_groups[0]["lr"],
+            log.info("step %d (%.0f%%) layers %d loss %.4f last-layer cls %.4f box %.4f token cls %.4f depth "
+                     "%.4f dn cls %.4f box %.4f lr %.2e %.2f s/step elapsed %.0f s", progress.step, 100 * fraction,
+                     model.head.cfg.num_layers, loss_value, parts["cls"], parts["box"], parts.get("token_cls", 0.0),
+                     parts.get("token_depth", 0.0), parts.get("dn_cls", 0.0), parts.get("dn_box", 0.0),
+                     opt.param_groups[0]["lr"],
                      float(np.mean(step_times[-cfg.log_every:])), time.monotonic() - began)
         progress.step += 1
         if time.monotonic() - last_save >= cfg.save_every_s:
-            _save_state(cfg, model, opt, progress)
+            _save_state(cfg, trainee, opt, progress)
             last_save = time.monotonic()
     if progress.grown_at is None:
         grow_decoder(model, cfg.shallow_layers)
         log.info("decoder grown to full depth at the end (step %d): its later layers are untrained copies",
                  progress.step)
-    _save_state(cfg, model, opt, progress)
+    _save_state(cfg, trainee, opt, progress)
     model.eval()
     with atomic_path(cfg.output) as tmp:
         torch.save(half_state(model), tmp)

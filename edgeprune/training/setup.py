@@ -35,13 +35,18 @@ def reference_points(num: int, seed: int, pc_range: Sequence[float]) -> torch.Te
     return (xyz - lo) / (hi - lo)
 
 
+def prior_bias(prob: float) -> float:
+    """The logit bias whose sigmoid is ``prob`` (RetinaNet's focal-loss prior)."""
+    return -math.log((1 - prob) / prob)
+
+
 @torch.no_grad()
 def init_for_training(model: ExportableModel, seed: int, pc_range: Sequence[float]) -> None:
     """Reference points, focal prior bias and box-branch start of a model trained from scratch."""
     head = model.head
     head.reference_points.weight.copy_(reference_points(head.cfg.num_queries, seed, pc_range))
     cls_last = head.cls_branch[-1]
-    nn.init.constant_(cls_last.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+    nn.init.constant_(cls_last.bias, prior_bias(PRIOR_PROB))
     reg_last = head.reg_branch[-1]
     nn.init.zeros_(reg_last.weight)
     nn.init.zeros_(reg_last.bias)
@@ -49,10 +54,13 @@ def init_for_training(model: ExportableModel, seed: int, pc_range: Sequence[floa
     reg_last.bias[7] = 1.0                                             # cos yaw
 
 
-def optimizer(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; the backbone at ``lr * backbone_lr_scale``, norms and biases without weight decay."""
+def optimizer(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float,
+              extra: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW over ``model`` (and the training-only ``extra`` module); the backbone at
+    ``lr * backbone_lr_scale``, norms and biases without weight decay."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    named = list(model.named_parameters()) + (list(extra.named_parameters(prefix="extra")) if extra else [])
+    for name, param in named:
         scale = backbone_lr_scale if name.startswith("backbone.") else 1.0
         decay = 0.0 if param.ndim <= 1 else weight_decay
         groups.setdefault((lr * scale, decay), []).append(param)
