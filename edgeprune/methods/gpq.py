@@ -69,6 +69,11 @@ class GPQPruner:
     def finished(self) -> bool:
         return len(self.removed) >= self.num_to_prune
 
+    def restore(self, kept: Iterable[int], removed: Iterable[int]) -> None:
+        """Continue a saved run: its kept and removed queries (the score record starts afresh)."""
+        self._kept, self.removed = [int(i) for i in kept], [int(i) for i in removed]
+        self._record = []
+
     def record(self, last_logits: Tensor) -> None:
         """Append this iteration's scores; ``last_logits`` covers the kept queries only."""
         if last_logits.shape[-2] != len(self._kept):

@@ -19,10 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeprune.errors import ParameterError
 from edgeprune.io import atomic_path
+from edgeprune.methods.gpq import GPQPruner
+from edgeprune.models.checkpoint import load_checkpoint
 from edgeprune.models.attention import set_need_weights
 from edgeprune.models.build import build_model
 from edgeprune.models.config import ModelPreset
+from edgeprune.passes.queries.inputs import save_keep_indices
 from edgeprune.training.data import TrainingSet, batch_indices
 from edgeprune.training.dense import TokenHead, token_loss
 from edgeprune.training.denoise import denoise_loss, make_queries, run_queries
@@ -45,14 +49,17 @@ class TrainConfig:
     grow_step: int | None = None        # step at which the decoder grows (default: grow_at of the run)
     grow_at: float = 0.75
     shallow_layers: int = 2
-    geometry_steps: int = 100           # geometric warm start of the position embeddings (0: none)
-    batch: int = 2
-    lr: float = 2e-4
+    geometry_steps: int = 60            # geometric warm start of the position embeddings (0: none)
+    batch: int = 1
+    lr: float = 1.5e-4
     backbone_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     clip: float = 0.1
     token_weight: float = 1.0           # dense token supervision (edgeprune.training.dense); 0: off
     denoise_copies: int = 2             # denoising queries per box and kind (edgeprune.training.denoise); 0: off
+    init: str | None = None             # start from these weights (full depth, no warm start): a fine-tune
+    gpq_keep: int | None = None         # GPQ fine-tune: prune queries gradually down to this many
+    gpq_prune_fraction: float = 0.5     # ... over this share of --steps, then fine-tune the rest
     warmup: int = 30
     seed: int = 0
     threads: int = 2
@@ -73,16 +80,37 @@ class Progress:
 
 @dataclass
 class Trainee:
-    """What a run trains: the detector and its training-only token head."""
+    """What a run trains: the detector, its training-only token head, and a GPQ pruner if any."""
 
     model: torch.nn.Module
     tokens: TokenHead
+    pruner: GPQPruner | None = None
+
+    @property
+    def query_indices(self) -> list[int] | None:
+        return None if self.pruner is None else self.pruner.kept_indices
+
+
+def gpq_pruner(cfg: TrainConfig, num_queries: int) -> GPQPruner | None:
+    """The pruner of a GPQ fine-tune: one query removed every ``interval`` steps over the first
+    ``gpq_prune_fraction`` of the run (the paper's schedule, 6 of 24 epochs, compressed)."""
+    if cfg.gpq_keep is None:
+        return None
+    if cfg.steps is None:
+        raise ParameterError("a GPQ fine-tune (--gpq-keep) needs --steps: its pruning interval is a share of them")
+    if not 0 < cfg.gpq_keep < num_queries:
+        raise ParameterError(f"--gpq-keep must be in [1, {num_queries - 1}] (the model has {num_queries} queries); "
+                             f"got {cfg.gpq_keep}")
+    to_prune = num_queries - cfg.gpq_keep
+    return GPQPruner(num_queries, to_prune, max(1, int(cfg.steps * cfg.gpq_prune_fraction) // to_prune))
 
 
 def _save_state(cfg: TrainConfig, trainee: Trainee, opt: torch.optim.Optimizer, progress: Progress) -> None:
     with atomic_path(cfg.state) as tmp:
+        pruner = trainee.pruner
+        gpq = {} if pruner is None else {"gpq_kept": pruner.kept_indices, "gpq_removed": list(pruner.removed)}
         torch.save({"model": trainee.model.state_dict(), "tokens": trainee.tokens.state_dict(),
-                    "optimizer": opt.state_dict(), "progress": asdict(progress), "config": asdict(cfg)}, tmp)
+                    "optimizer": opt.state_dict(), "progress": asdict(progress), "config": asdict(cfg), **gpq}, tmp)
 
 
 def _fraction(cfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -106,22 +134,28 @@ def prepare(cfg: TrainConfig) -> tuple[Trainee, TrainingSet, torch.optim.Optimiz
     model = build_model(cfg.model, "full", seed=cfg.seed, shipped_weights=False)
     model.train()
     data = TrainingSet(cfg.data, model.preset.image_size, cfg.limit)
-    init_for_training(model, cfg.seed, data.pc_range)
+    if cfg.init:
+        load_checkpoint(model, cfg.init)
+    else:
+        init_for_training(model, cfg.seed, data.pc_range)
+    pruner = gpq_pruner(cfg, model.preset.decoder.num_queries)
     tokens = TokenHead(model.preset.decoder.embed_dims, model.preset.decoder.num_classes, prior_bias(PRIOR_PROB))
     opt = optimizer(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay, extra=tokens)
-    progress = Progress()
+    progress = Progress(grown_at=0 if cfg.init else None)
     if cfg.resume and Path(cfg.state).is_file():
         saved = torch.load(cfg.state, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
         tokens.load_state_dict(saved["tokens"])
         opt.load_state_dict(saved["optimizer"])
         progress = Progress(**saved["progress"])
+        if pruner is not None:
+            pruner.restore(saved["gpq_kept"], saved["gpq_removed"])
         log.info("resumed from %s at step %d", cfg.state, progress.step)
     run_layers(model, len(model.head.layers) if progress.grown_at is not None else cfg.shallow_layers)
-    if progress.step == 0 and cfg.geometry_steps:
+    if progress.step == 0 and cfg.geometry_steps and not cfg.init:
         warm_start_geometry(model, data.pc_range, cfg.geometry_steps, seed=cfg.seed)
     set_need_weights(model, False)
-    return Trainee(model, tokens), data, opt, progress
+    return Trainee(model, tokens, pruner), data, opt, progress
 
 
 def train_step(trainee: Trainee, opt: torch.optim.Optimizer, data: TrainingSet, indices: np.ndarray,
@@ -130,7 +164,7 @@ def train_step(trainee: Trainee, opt: torch.optim.Optimizer, data: TrainingSet, 
     images, targets, token_targets = data.batch(indices)
     memory, key_pos = trainee.model.image_tokens(images)
     head = trainee.model.head
-    out = head(memory, key_pos)
+    out = head(memory, key_pos, query_indices=trainee.query_indices)
     loss, parts = set_loss(out.all_cls_scores, out.all_bbox_preds, targets, data.pc_range)
     if cfg.token_weight > 0:
         dense, dense_parts = token_loss(trainee.tokens(memory), token_targets, trainee.tokens.num_classes)
@@ -148,7 +182,16 @@ def train_step(trainee: Trainee, opt: torch.optim.Optimizer, data: TrainingSet, 
     params = [p for group in opt.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.clip)
     opt.step()
+    if trainee.pruner is not None:
+        trainee.pruner.record(out.layer_logits[-1].detach())
+        trainee.pruner.step()
+        parts["queries"] = float(len(trainee.pruner.kept_indices))
     return float(loss.detach()), parts
+
+
+def keep_indices_path(output: str) -> Path:
+    """Where a GPQ fine-tune writes its kept query indices: beside the weights, ``NAME.keep.json``."""
+    return Path(output).with_suffix(".keep.json")
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
@@ -178,9 +221,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         loss_value, parts = train_step(trainee, opt, data, indices, cfg, progress.step)
         step_times.append(time.monotonic() - t0)
         if progress.step % cfg.log_every == 0:
-            log.info("step %d (%.0f%%) layers %d loss %.4f last-layer cls %.4f box %.4f token cls %.4f depth "
+            log.info("step %d (%.0f%%) layers %d queries %d loss %.4f last-layer cls %.4f box %.4f token cls %.4f depth "
                      "%.4f dn cls %.4f box %.4f lr %.2e %.2f s/step elapsed %.0f s", progress.step, 100 * fraction,
-                     model.head.cfg.num_layers, loss_value, parts["cls"], parts["box"], parts.get("token_cls", 0.0),
+                     model.head.cfg.num_layers, parts.get("queries", model.head.cfg.num_queries), loss_value,
+                     parts["cls"], parts["box"], parts.get("token_cls", 0.0),
                      parts.get("token_depth", 0.0), parts.get("dn_cls", 0.0), parts.get("dn_box", 0.0),
                      opt.param_groups[0]["lr"],
                      float(np.mean(step_times[-cfg.log_every:])), time.monotonic() - began)
@@ -196,6 +240,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     model.eval()
     with atomic_path(cfg.output) as tmp:
         torch.save(half_state(model), tmp)
+    if trainee.pruner is not None:
+        kept = save_keep_indices(keep_indices_path(cfg.output), trainee.pruner.kept_indices)
+        log.info("GPQ kept %d queries: %s (edgeprune rewrite MODEL.onnx --method gpq --keep-indices %s)",
+                 len(trainee.pruner.kept_indices), kept, kept)
     summary = {"steps": float(progress.step), "seconds": time.monotonic() - began, "loss": loss_value, **parts}
     log.info("done: %s (--steps %d --grow-step %s repeat this schedule); weights %s, state %s", summary,
              progress.step, progress.grown_at, cfg.output, cfg.state)
