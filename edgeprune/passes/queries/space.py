@@ -105,7 +105,9 @@ def resolve_query_space(model: Any, structure: Any = None) -> QuerySpace:
                                 f"but the decoder has {nq} queries of which {nl} are learned")
     seeds = _map_seeds(dmap, nq, nl) if dmap is not None else []
     if structure is not None:
-        seeds += [(layer.logits, 1, 0, nq) for layer in structure.layers if layer.logits]
+        # queries are the logits' second-to-last axis: [B, Nq, C], or [Nq, C] where onnxsim turned
+        # a batch-1 Linear into a Gemm on the flattened queries (the whole demo export)
+        seeds += [(layer.logits, -2, 0, nq) for layer in structure.layers if layer.logits]
     seeds += [(name, len(shape) - 2, 0, nq) for name, shape in outputs.items()
               if shape is not None and len(shape) >= 2 and shape[-2] == nq]
     seeds += [(name, 1, nl, nq) for name in prop]
