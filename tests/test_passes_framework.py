@@ -314,3 +314,13 @@ def test_shared_projections_are_split_without_changing_outputs(decoder: Path, tm
     assert [layer.probs.tensor for layer in split.layers] == [layer.probs.tensor for layer in merged.layers]
     report = driver.rewrite(decoder, tmp_path / "split.onnx", [SplitProjectionsPass()], verify_inputs=_feeds())
     assert report.verification.exact
+
+
+def test_precisions_without_calibration_leave_out_static_int8_only() -> None:
+    """`sweep` offers the precisions that need no calibration data: the registry's flag says which."""
+    from edgeprune.passes import registry
+    all_names = registry.precision_names()
+    free = registry.precision_names(calibrated=False)
+    assert [n for n in all_names if n not in free] == ["int8"]
+    assert registry.get_precision("int8").needs_calibration
+    assert not any(registry.get_precision(n).needs_calibration for n in free if n != "fp32")

@@ -78,9 +78,8 @@ def run(args: argparse.Namespace) -> int:
                              f"(got {args.max_map_drop:g}, {args.seed}, {args.limit})")
     SweepStore.check_out(args.out)
     methods = st.parse_names(args.method, "--method", key_methods())
-    # static int8 needs calibration data per setting: sweep the precisions that need none
-    precisions = st.parse_names(args.precision, "--precision",
-                                [p for p in registry.precision_names() if p != "int8"])
+    # a sweep has no calibration data to give: only the precisions that need none
+    precisions = st.parse_names(args.precision, "--precision", registry.precision_names(calibrated=False))
     ns, ks = st.parse_n(args.n), st.parse_k(args.k)
     check_devices(args.device or ["local"])
     size = st.decoder_size(args.model)

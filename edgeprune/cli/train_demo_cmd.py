@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1.5e-4,
                         help="AdamW learning rate (default 1.5e-4; 3e-4 kept the decoder from learning in a "
                              "400-step probe)")
-    parser.add_argument("--token-weight", type=float, default=1.0,
+    parser.add_argument("--token-weight", type=float, default=None,
                         help="weight of the dense token supervision, a training-only head that teaches every "
-                             "image token its object's class and depth (default 1; 0: off)")
+                             "image token its object's class and depth (default 1 from scratch; 0 with --init, "
+                             "whose weights hold no token head: a fresh one would disturb the trained backbone)")
     parser.add_argument("--denoise", type=int, default=2, metavar="COPIES",
                         help="query denoising: COPIES positive and COPIES negative training-only queries per "
                              "ground-truth box (default 2; 0: off)")
@@ -58,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save the resumable state this often (default 5)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="train on the first N scenes only")
     parser.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+
+
+def _token_weight(args: argparse.Namespace) -> float:
+    """--token-weight, or its default: 1 from scratch, 0 for a fine-tune (--init has no token head)."""
+    if args.token_weight is not None:
+        return float(args.token_weight)
+    return 1.0 if args.init is None else 0.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger("edgeprune").addHandler(handler)
     logging.getLogger("edgeprune.training").setLevel(logging.INFO)
-    cfg = TrainConfig(data=args.data, output=args.output, state=state, steps=args.steps, grow_step=args.grow_step, geometry_steps=args.geometry_steps,
+    cfg = TrainConfig(data=args.data, output=args.output, state=state, steps=args.steps, grow_step=args.grow_step,
+                      geometry_steps=args.geometry_steps,
                       time_budget_s=None if args.time_budget is None else args.time_budget * 60,
-                      batch=args.batch, lr=args.lr, seed=args.seed, token_weight=args.token_weight,
+                      batch=args.batch, lr=args.lr, seed=args.seed, token_weight=_token_weight(args),
                       denoise_copies=args.denoise, init=args.init, gpq_keep=args.gpq_keep, threads=args.threads,
                       save_every_s=args.save_every * 60, limit=args.limit, resume=args.resume)
     summary = train(cfg)

@@ -75,6 +75,7 @@ class BasePass:
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    needs_calibration: ClassVar[bool] = False     # a precision pass that cannot run without calibration data
 
     @classmethod
     def add_arguments(cls, group: Any) -> None:
@@ -119,9 +120,10 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
-def precision_names() -> list[str]:
-    """``--precision`` choices (fp32 = no conversion)."""
-    return ["fp32"] + list(PRECISIONS)
+def precision_names(calibrated: bool = True) -> list[str]:
+    """``--precision`` choices (fp32 = no conversion); ``calibrated=False`` leaves out those that
+    need calibration data (static int8), for commands that have none to give (``sweep``)."""
+    return ["fp32"] + [n for n in PRECISIONS if calibrated or not get_precision(n).needs_calibration]
 
 
 def get_method(name: str) -> type:

@@ -304,6 +304,7 @@ class Int8Pass(BasePass):
     """``--precision int8``: static quantization (calibrated) after every method pass."""
 
     name = "int8"
+    needs_calibration = True
     help = ("int8 MatMul/Gemm (static, calibrated on --calib X.npz or --data DIR); tgGBC/ToMe scoring and "
             "selection, Softmax, TopK and Gather stay float; inputs and outputs stay float")
 
@@ -366,6 +367,7 @@ class Int8DynamicPass(Int8Pass):
     """``--precision int8-dynamic``: int8 weights, activation scales computed per run; no calibration."""
 
     name = "int8-dynamic"
+    needs_calibration = False
     help = "int8 MatMul/Gemm weights, activations quantized at run time (no calibration); same float nodes as int8"
 
     def __init__(self, config: Int8Config = replace(DEFAULT_CONFIG, dynamic=True)) -> None:
