@@ -129,6 +129,8 @@ def _should_grow(cfg: TrainConfig, progress: Progress, fraction: float) -> bool:
 
 
 def prepare(cfg: TrainConfig) -> tuple[Trainee, TrainingSet, torch.optim.Optimizer, Progress]:
+    """Model (from scratch, or ``init`` for a fine-tune), data, optimiser and progress of a run;
+    resumes from ``state`` when asked, so a stopped run loses at most ``save_every_s`` of work."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, "full", seed=cfg.seed, shipped_weights=False)
