@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from edgeprune.data import boxes as box_code
+from edgeprune.data.boxes import Boxes
 from edgeprune.data.render import Rig
 from edgeprune.data.format import SynthDataset, load_dataset, model_images
 from edgeprune.errors import ParameterError
@@ -36,10 +37,10 @@ class TrainingSet:
         if count < 1:
             raise ParameterError(f"{path} holds no scenes; generate some with edgeprune dataset synth")
         self.images = np.stack([self.dataset.images(i) for i in range(count)])   # uint8 [S, 6, H, W, 3]
-        self.targets = [self._target(i) for i in range(count)]
+        ground_truth = [self.dataset.ground_truth(i, MIN_VISIBLE_PIXELS) for i in range(count)]
+        self.targets = [self._target(gt) for gt in ground_truth]
         rig = Rig(self.dataset.meta.intrinsics, self.dataset.meta.cam2lidar, tuple(self.dataset.meta.image_size))
-        self.token_targets: list[TokenTargets] = [
-            token_targets(self.dataset.ground_truth(i, MIN_VISIBLE_PIXELS), rig) for i in range(count)]
+        self.token_targets: list[TokenTargets] = [token_targets(gt, rig) for gt in ground_truth]
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -52,8 +53,7 @@ class TrainingSet:
     def classes(self) -> tuple[str, ...]:
         return tuple(self.dataset.meta.classes)
 
-    def _target(self, index: int) -> Target:
-        gt = self.dataset.ground_truth(index, MIN_VISIBLE_PIXELS)
+    def _target(self, gt: Boxes) -> Target:
         code = box_code.encode(gt, self.dataset.meta.point_cloud_range)
         return Target(torch.from_numpy(gt.labels.copy()), torch.from_numpy(code).float())
 
