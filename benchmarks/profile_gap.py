@@ -68,8 +68,9 @@ def data_ratio(node: str, base: Dict[str, List[Optional[int]]], pruned: Dict[str
 
 
 def group(node: str, op: str, ratio: float, in_base: bool) -> str:
-    if node.startswith(PREFIX):
-        return "tgGBC gathers" if "/gather/" in node else "tgGBC scoring and the rest it inserted"
+    if node.startswith(PREFIX):                     # scoring's own row gathers are under .../rows/gather/
+        keys = "/gather/" in node and "/rows/" not in node
+        return "tgGBC gathers of kept keys" if keys else "tgGBC scoring and the rest it inserted"
     return f"{'shrinking' if in_base and ratio > 1.01 else 'fixed'} {op}"
 
 

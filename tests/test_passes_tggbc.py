@@ -166,9 +166,15 @@ def test_preset_matches_torch_reference(case: tuple[Any, ...], batch: int, expor
     steps = len(plan.steps)
     ops = inserted_ops(out)
     assert ops["TopK"] == steps * (2 if cfg.k else 1)                 # keys (+ top queries) per pruning layer
-    assert ops["GatherElements"] == steps - 1                         # chaining indices across pruning layers
+    top = steps if cfg.k else 0                                       # top queries: their c and their rows
+    assert ops["GatherElements"] == steps - 1 + top                   # chaining indices across pruning layers
     # each stage gathers memory and memory + key_pos once (shared by the later layers)
-    assert ops["Gather" if batch == 1 else "GatherND"] == 2 * steps
+    assert ops.get("GatherND", 0) == (0 if batch == 1 else 2 * steps)
+    heads = discover(onnx.load(str(src))).num_heads
+    row_chunk = lambda keys: max(1, min(heads * cfg.k, tggbc_pass.SCORE_CHUNK_BYTES // (4 * keys)))  # noqa: E731
+    row_gathers = sum(-(-heads * cfg.k // row_chunk(s.num_keys)) for s in plan.steps) if cfg.k else 0
+    assert ops["Gather"] == (2 * steps if batch == 1 else 0) + row_gathers   # + the top rows, a chunk at a time
+    assert ops.get("ReduceSum", 0) == 0                               # the head mean is in the weights
     again = discover(out)                                             # later layers now read fewer keys
     assert [layer.num_keys for layer in again.layers] == list(plan.keys_per_layer)
     assert plan.keys_per_layer[-1] == again.num_keys - cfg.r
@@ -342,9 +348,9 @@ def test_fused_attention_recomputes_probabilities(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- ablations, TensorRT, r = 0
 @pytest.mark.parametrize("cfg,ops", [
-    (TgGBCConfig(r=30, n=2, k=0, use_class_score=False), {"Sigmoid": 0, "ReduceMax": 0, "ReduceSum": 2}),
+    (TgGBCConfig(r=30, n=2, k=0, use_class_score=False), {"Sigmoid": 0, "ReduceMax": 0, "Tile": 2}),
     (TgGBCConfig(r=30, n=2, k=0, class_reduce="mean"), {"Sigmoid": 2, "ReduceMax": 0, "ReduceMean": 2}),
-    (TgGBCConfig(r=20, n=1, k=0, class_reduce="min"), {"Sigmoid": 1, "ReduceMin": 1, "ReduceSum": 1}),
+    (TgGBCConfig(r=20, n=1, k=0, class_reduce="min"), {"Sigmoid": 1, "ReduceMin": 1, "Tile": 1}),
 ], ids=["no-class-score", "mean", "min"])
 def test_ablations_match_their_references(cfg: TgGBCConfig, ops: dict[str, int], tmp_path: Path) -> None:
     module = hd.HandDecoder("hand")
@@ -354,7 +360,7 @@ def test_ablations_match_their_references(cfg: TgGBCConfig, ops: dict[str, int],
     assert margin >= MIN_GAP
     out = pruned(hd.exported("hand", "dynamo", True, batch=2), tmp_path / "pruned.onnx", cfg)
     inserted = inserted_ops(out)
-    assert {op: inserted[op] for op in ops} == ops                  # the chosen class reduction, head sums
+    assert {op: inserted.get(op, 0) for op in ops} == ops           # the chosen class reduction, per-head weights
     assert_close(run(tmp_path / "pruned.onnx", {k: v.numpy() for k, v in inputs.items()}), cls, box)
 
 
@@ -509,8 +515,9 @@ def test_fused_multihead_attention_probabilities_match_the_op() -> None:
                          (MaskInput("kpm", "mha", 4, 1, 0),), "mha", None, nk)
     plan = tggbc_pass.KeyPruningPlan(TgGBCConfig(r=1), False, b, nq, (), (nk,))
     ed = GraphEditor(gs, gs.import_onnx(model), 17, tensor_info(model))
-    per_head, heads = tggbc_pass._per_head_probs(ed, layer, plan, nk)
-    assert heads == h
+    src = tggbc_pass._per_head_probs(ed, layer, plan, None)
+    per_head = src.probs
+    assert (src.heads, src.num_rows, src.rows) == (h, nq, None)
     per_head.dtype = np.float32
     ed.graph.outputs.append(per_head)
     out = gs.export_onnx(ed.graph)
@@ -523,3 +530,17 @@ def test_fused_multihead_attention_probabilities_match_the_op() -> None:
     v = (feeds["v"] + bias[2 * e:]).reshape(b, nk, h, e // h).transpose(0, 2, 1, 3)
     np.testing.assert_allclose((probs @ v).transpose(0, 2, 1, 3).reshape(b, nq, e), y, atol=1e-5)
     assert np.abs(probs[0, ..., -2:]).max() < 1e-4                       # padded keys get (almost) nothing
+
+    # the top-k queries' rows alone (Q rows picked before Q K^T): the same rows of the op's probabilities
+    rows = np.array([[3, 0], [1, 4]], dtype=np.int64)
+    plan_k = tggbc_pass.KeyPruningPlan(TgGBCConfig(r=1, k=2), False, b, nq, (), (nk,))
+    ed = GraphEditor(gs, gs.import_onnx(model), 17, tensor_info(model))
+    src = tggbc_pass._per_head_probs(ed, layer, plan_k, ed.const("rows", rows))
+    picked = src.probs
+    assert (src.heads, src.num_rows, src.rows) == (h, 2, None)          # recomputed for those rows only
+    picked.dtype = np.float32
+    ed.graph.outputs.append(picked)
+    out = gs.export_onnx(ed.graph)
+    out.ir_version = 9
+    got = ort.InferenceSession(out.SerializeToString()).run(None, feeds)[1]           # [B, h, k, Nk]
+    np.testing.assert_allclose(got, np.stack([probs[i][:, rows[i]] for i in range(b)]), atol=1e-6)

@@ -143,6 +143,30 @@ def test_profile_rows_cover_every_node(chain):
     assert all(r["dur_us"] > 0 and r["provider"] == "CPUExecutionProvider" for r in rows)
 
 
+def test_profile_drops_every_warmup_run():
+    """Kernel events of all warm-up runs are dropped: a new session's first runs grow its arena
+    (fresh pages), so one warm-up left large Gathers profiled at several times their steady cost."""
+    def run_window(start):
+        return {"cat": "Session", "name": "model_run", "ts": start, "dur": 90}
+
+    def kernel(start, dur):
+        return {"cat": "Node", "name": "g_kernel_time", "ts": start, "dur": dur, "args": {"op_name": "Gather"}}
+
+    events = [run_window(0), kernel(10, 900), run_window(100), kernel(110, 500), run_window(200), kernel(210, 50),
+              run_window(300), kernel(310, 70)]
+    assert agent._aggregate_events(events, runs=2, warmup=2)[0]["dur_us"] == 60.0
+    assert agent._aggregate_events(events, runs=3, warmup=1)[0]["dur_us"] == (500 + 50 + 70) / 3
+
+
+def test_workers_stop_spinning_between_runs_unless_asked_not_to(chain):
+    """Interleaved sessions: each run's thread-pool workers stop spinning when it returns, so
+    they do not take the cores of the next model's run (recorded in the environment)."""
+    path, _ = chain
+    assert agent.run_request(_req(path, path))["env"]["stop_spinning"] is True
+    res = agent.run_request(_req(path, path, stop_spinning=False))
+    assert res["error"] is None and res["env"]["stop_spinning"] is False
+
+
 def test_affinity_is_applied_and_restored(chain):
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no sched_getaffinity on this OS")
@@ -161,6 +185,7 @@ def test_affinity_is_applied_and_restored(chain):
     ({"repeats": 0}, "BadRequest"),
     ({"repeat": 3}, "BadRequest"),
     ({"time_budget_s": "soon"}, "BadRequest"),
+    ({"stop_spinning": "yes"}, "BadRequest"),
     ({"inputs": {"npz": "/nonexistent/in.npz"}}, "InputError"),
 ])
 def test_error_kinds(chain, request_patch, kind):

@@ -37,7 +37,8 @@ def format_environment(report: BenchReport) -> str:
             f"{env.get('cpu_count', '?')} cpus), onnxruntime {env.get('ort_version', '?')}, {providers}, "
             f"threads {threads if threads else 'default'}"
             + (f", affinity {env['affinity']}" if report.request.get("affinity") else "")
-            + (", interleaved" if report.interleaved and len(report.models) > 1 else ""))
+            + (", interleaved" if report.interleaved and len(report.models) > 1 else "")
+            + (", workers stop spinning after each run" if env.get("stop_spinning") else ""))
 
 
 def _table_rows(report: BenchReport) -> list[list[str]]:
