@@ -195,12 +195,13 @@ def _run_once(path: Path, feeds: Mapping[str, Any]) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------- timing and statistics
 def time_models(paths: Sequence[Path], *, warmup: int, repeats: int, threads: Optional[int],
-                time_budget: Optional[float] = None) -> Any:
-    """All models timed interleaved in one session (``edgeprune.runners.bench.benchmark``)."""
+                time_budget: Optional[float] = None, profile: bool = False) -> Any:
+    """All models timed interleaved in one session (``edgeprune.runners.bench.benchmark``);
+    ``profile``: afterwards, each model's per-node kernel times from its own profiling session."""
     from edgeprune.runners.bench import BenchOptions, benchmark
 
     options = BenchOptions(warmup=warmup, repeats=repeats, time_budget_s=time_budget, threads=threads,
-                           seed=0, interleave=True)
+                           seed=0, interleave=True, profile=profile)
     return benchmark([str(p) for p in paths], options)
 
 

@@ -262,13 +262,18 @@ def _layer_logits(ed: GraphEditor, layer: DecoderLayer, head: ClassHead | None) 
 
 
 def _select_keys(ed: GraphEditor, scores: Any, step: PruningStep, batch: int) -> Any:
-    """Indices of the ``num_keep`` largest scores [B, Nk_l] -> [B, num_keep], descending.
+    """Indices of the ``num_keep`` largest scores [B, Nk_l] -> [B, num_keep].
 
-    Several TopK sizes (TensorRT): take the largest chunk, overwrite it with -inf, repeat.
+    Unsorted (``sorted=0``): which keys are kept is all that matters, later layers attend to
+    them in any order, and not sorting 13500 of 24000 scores saves 1 of 1.4 ms in ORT. Several
+    TopK sizes (TensorRT): take the largest chunk, overwrite it with -inf, repeat (sorted, so
+    the concatenation is exactly one big TopK).
     """
     remaining, chunks = scores, []
+    in_order = int(len(step.topk_sizes) > 1)      # peeling relies on each chunk being the largest, in order
     for i, size in enumerate(step.topk_sizes):
-        _, idx = ed.op("TopK", [remaining, ed.ints("k", size)], "keep", outputs=2, axis=-1, largest=1, sorted=1)
+        _, idx = ed.op("TopK", [remaining, ed.ints("k", size)], "keep", outputs=2, axis=-1, largest=1,
+                       sorted=in_order)
         chunks.append(idx)
         if i + 1 < len(step.topk_sizes):
             fill = ed.const("taken", np.full((batch, size), -np.inf, dtype=np.float32))
