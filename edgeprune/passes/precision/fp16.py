@@ -9,8 +9,10 @@ leaves to its user:
    ``keep_fp32_prefixes`` (the tgGBC importance/TopK subgraph ``tggbc/``, ToMe's matching
    and merging ``tome/``: a key's rank must not flip because of fp16 rounding) unless its
    name contains one of ``convert_parts`` (:data:`DATA_MOVE_PARTS`: the gathers of kept keys
-   ``tggbc/l*/gather/`` and the per-stage copies of shared key-path nodes ``*/copy/`` only
-   move data or repeat what the original node computes in fp16), every op in
+   ``tggbc/l*/gather/``, the scoring's gathers of the top-k queries' attention rows
+   ``tggbc/l*/rows/gather/`` (cast to fp32 after the gather, chunk by chunk) and the
+   per-stage copies of shared key-path nodes ``*/copy/`` only move data or repeat what the
+   original node computes in fp16), every op in
    ``keep_fp32_ops`` (:data:`FP32_OPS`) and the converter's own list (TopK, Range, CumSum,
    Min, Max, Resize, ...).
 2. Graph repairs the converter needs: an initializer read by both an fp32 and an fp16 node
