@@ -124,7 +124,6 @@ def markdown(args: argparse.Namespace, facts: Dict[str, Any], rows: List[c.Row],
     return "\n".join([
         f"# int8 tgGBC decoder: {args.preset}, {args.layers or 6} layers, r={args.r} n={args.n} k={args.k}",
         "", f"command: `{facts['command']}`", "", c.machine_line(facts), "",
-        "The machine was shared with other helpers' jobs and a training job while this ran (load above).",
         f"Batch 1; {args.warmup} warm-up run(s) per model, then rounds of one run per model (fp32, int8, "
         "int8-dynamic) in one `edgeprune bench` session; speedups: paired bootstrap against fp32 tgGBC.", "",
         *c.table(rows, extra, ["cls dev / range", "box dev / range", "kept keys = fp32", "rewrite s"]),

@@ -227,3 +227,16 @@ def test_no_ideal_speedup_for_more_than_a_decoder(tmp_path):
     assert not decoder_alone(conv) and graph_flops(tmp_path / "conv.onnx") is None
     decoder = hd.exported("hand", "torchscript", True)
     assert decoder_alone(onnx.load(str(decoder))) and graph_flops(decoder) > 0
+
+
+def test_no_ideal_speedup_for_a_quantized_decoder(tmp_path):
+    """An int8 decoder gets no FLOPs: its quantized products are not float MatMuls to count
+    (counting what is left gave a static int8 decoder a bogus 2.24x "ideal")."""
+    from edgeprune.cli.main import main
+    from edgeprune.report.describe import graph_flops
+
+    import handwritten_decoder as hd
+    src = hd.exported("hand", "torchscript", True)
+    out = tmp_path / "d8.onnx"
+    assert main(["rewrite", str(src), "-o", str(out), "--precision", "int8-dynamic", "--no-verify"]) == 0
+    assert graph_flops(src) > 0 and graph_flops(out) is None
