@@ -196,15 +196,8 @@ def _per_key_mask(ed: GraphEditor, fused: Any, mask: MaskInput) -> bool:
 
 def _gather_query_rows(ed: GraphEditor, q: Any, rows: Any, plan: KeyPruningPlan, rank: int) -> Any:
     """Q [B, Nq, h*d] (rank 3) or [B, h, Nq, d] (rank 4) -> the same with only the ``rows`` [B, k]."""
-    axis = 1 if rank == 3 else 2
-    if plan.batch == 1:
-        return ed.op("Gather", [q, ed.reshape(rows, "q_rows", -1)], "q_top", axis=axis)
-    if rank == 4:                                                               # GatherND wants batch, rows first
-        moved = ed.op("Transpose", [q], "q_rows_first", perm=[0, 2, 1, 3])
-        picked = ed.op("GatherND", [moved, ed.op("Unsqueeze", [rows, ed.ints("axes", -1)], "q_idx")], "q_top",
-                       batch_dims=1)
-        return ed.op("Transpose", [picked], "q_heads_first", perm=[0, 2, 1, 3])
-    return ed.op("GatherND", [q, ed.op("Unsqueeze", [rows, ed.ints("axes", -1)], "q_idx")], "q_top", batch_dims=1)
+    return _gather_per_batch(ed, q, rows, plan.batch, batch_axis=0, axis=1 if rank == 3 else 2, rank=rank,
+                            what="q_top")
 
 
 def _fused_mask_bias(ed: GraphEditor, fused: Any, mask: MaskInput, batch: int) -> Any:
@@ -372,26 +365,36 @@ class _Gatherer:
     def _gather(self, data: Any, axes: KeyAxes, comp: Any) -> Any:
         """data [.., Nk, ..] -> [.., K, ..] with comp [B, K] (per batch element)."""
         ed, b = self.ed, self.plan.batch
-        if b == 1:                                                              # same keys for every row
-            return ed.op("Gather", [data, ed.reshape(comp, "flat_idx", -1)], "keys", axis=axes.key_axis)
-        if axes.batch_axis is None:
+        if b > 1 and axes.batch_axis is None:
             raise PatternNotFoundError(f"cannot gather {data.name} per batch element: no batch axis (batch {b}); "
                                        "export with batch 1 or name the tensor with --override")
         rows = comp
-        if axes.heads_in_batch:                                                 # [B, K] -> [B*h, K], b-major
+        if b > 1 and axes.heads_in_batch:                                       # [B, K] -> [B*h, K], b-major
             rows = ed.reshape(ed.op("Expand", [ed.reshape(comp, "idx_b1k", b, 1, -1),
                                                ed.ints("heads", 1, self.num_heads, 1)], "idx_bhk"),
                               "idx_rows", b * self.num_heads, -1)
         rank = ed.rank(data.name)
-        if rank < 2:
+        if b > 1 and rank < 2:
             raise PatternNotFoundError(f"cannot gather {data.name}: its rank is unknown")
-        perm = [axes.batch_axis, axes.key_axis] + [a for a in range(rank) if a not in (axes.batch_axis, axes.key_axis)]
-        moved = data if perm == list(range(rank)) else ed.op("Transpose", [data], "batch_keys_first", perm=perm)
-        idx = ed.op("Unsqueeze", [rows, ed.ints("axes", -1)], "idx")           # [B, K, 1]
-        out = ed.op("GatherND", [moved, idx], "keys", batch_dims=1)
-        if perm == list(range(rank)):
-            return out
-        return ed.op("Transpose", [out], "restore_layout", perm=[perm.index(a) for a in range(rank)])
+        return _gather_per_batch(ed, data, rows, b, axes.batch_axis, axes.key_axis, rank, what="keys")
+
+
+def _gather_per_batch(ed: GraphEditor, data: Any, idx: Any, batch: int, batch_axis: int | None, axis: int,
+                     rank: int, what: str) -> Any:
+    """``data`` [.., N, ..] -> [.., K, ..] along ``axis`` with ``idx`` [B, K], per batch element.
+
+    Batch 1: one ``Gather`` (the same rows for the only element). Otherwise ``GatherND`` with
+    ``batch_dims=1``, which wants the batch and the gathered axis first: a Transpose there and
+    back when they are not.
+    """
+    if batch == 1:
+        return ed.op("Gather", [data, ed.reshape(idx, "flat_idx", -1)], what, axis=axis)
+    perm = [batch_axis, axis] + [a for a in range(rank) if a not in (batch_axis, axis)]
+    moved = data if perm == list(range(rank)) else ed.op("Transpose", [data], "batch_keys_first", perm=perm)
+    out = ed.op("GatherND", [moved, ed.op("Unsqueeze", [idx, ed.ints("axes", -1)], "idx")], what, batch_dims=1)
+    if perm == list(range(rank)):
+        return out
+    return ed.op("Transpose", [out], "restore_layout", perm=[perm.index(a) for a in range(rank)])
 
 
 # --------------------------------------------------------------------------- the rewrite
