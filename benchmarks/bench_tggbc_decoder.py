@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import _common as c            # puts the checkout on sys.path
-
-PREFIX = "tggbc/"
+from edgeprune.passes.keys.tggbc import PREFIX, is_kept_key_gather  # noqa: E402
 log = logging.getLogger("bench_tggbc_decoder")
 
 
@@ -79,7 +78,7 @@ def inserted_share(model: Any) -> Optional[Dict[str, float]]:
         return None
     total = sum(r["dur_us"] for r in model.profile) / 1e3
     ours = [r for r in model.profile if r["node"].startswith(PREFIX)]
-    gathers = sum(r["dur_us"] for r in ours if "/gather/" in r["node"] and "/rows/" not in r["node"]) / 1e3
+    gathers = sum(r["dur_us"] for r in ours if is_kept_key_gather(r["node"])) / 1e3
     inserted = sum(r["dur_us"] for r in ours) / 1e3
     return {"kernel_ms": total, "inserted_ms": inserted, "inserted_share": inserted / total,
             "scoring_ms": inserted - gathers, "key_gathers_ms": gathers}

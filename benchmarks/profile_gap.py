@@ -32,8 +32,6 @@ from typing import Dict, List, Optional
 
 import _common as c            # noqa: F401  (puts the checkout on sys.path)
 
-PREFIX = "tggbc/"
-
 
 def element_counts(path: Path) -> Dict[str, List[Optional[int]]]:
     """Node name -> element count of each input and output (None where the shape is not static)."""
@@ -68,9 +66,10 @@ def data_ratio(node: str, base: Dict[str, List[Optional[int]]], pruned: Dict[str
 
 
 def group(node: str, op: str, ratio: float, in_base: bool) -> str:
-    if node.startswith(PREFIX):                     # scoring's own row gathers are under .../rows/gather/
-        keys = "/gather/" in node and "/rows/" not in node
-        return "tgGBC gathers of kept keys" if keys else "tgGBC scoring and the rest it inserted"
+    from edgeprune.passes.keys.tggbc import PREFIX, is_kept_key_gather
+
+    if node.startswith(PREFIX):
+        return "tgGBC gathers of kept keys" if is_kept_key_gather(node) else "tgGBC scoring and the rest it inserted"
     return f"{'shrinking' if in_base and ratio > 1.01 else 'fixed'} {op}"
 
 

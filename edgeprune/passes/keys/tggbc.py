@@ -47,6 +47,7 @@ from edgeprune.passes.discovery.structure import ClassHead, DecoderLayer, Decode
 log = logging.getLogger(__name__)
 
 PREFIX = "tggbc/"
+ROW_GATHER_SCOPE = "rows/gather/"   # under tggbc/l{l}/: scoring's gathers of the top-k queries' attention rows
 TENSORRT_TOPK_LIMIT = 3840      # TensorRT's documented maximum K of ITopKLayer
 MIN_OPSET = 13                  # Squeeze/Unsqueeze/ReduceSum with axes as inputs, GatherND batch_dims
 METADATA_KEY = "edgeprune.tggbc"
@@ -319,7 +320,8 @@ def _contract_rows(ed: GraphEditor, src: ScoringRows, weights_row: Any, plan: Ke
     b, h, nq, k = plan.batch, src.heads, src.num_rows, plan.config.k
     total = h * k
     per_chunk = max(1, min(total, SCORE_CHUNK_BYTES // (4 * max(keys, 1))))
-    with ed.scoped(f"{ed.scope}rows/gather/"):
+    scope = f"{ed.scope}{ROW_GATHER_SCOPE}"
+    with ed.scoped(scope):
         flat = ed.reshape(src.probs, "flat_rows", b * h * nq, -1)               # [B*h*Nq', Nk]
         base = ed.const("row_base", (np.arange(b * h, dtype=np.int64) * nq).reshape(b, h, 1))
         index = ed.reshape(ed.op("Add", [base, ed.op("Unsqueeze", [src.rows, ed.ints("axes", 1)], "rows_3d")],
@@ -327,7 +329,7 @@ def _contract_rows(ed: GraphEditor, src: ScoringRows, weights_row: Any, plan: Ke
     parts = []
     for start in range(0, total, per_chunk):
         end = min(start + per_chunk, total)
-        with ed.scoped(f"{ed.scope}rows/gather/"):
+        with ed.scoped(scope):
             idx = ed.op("Slice", [index, ed.ints("s", start), ed.ints("e", end), ed.ints("ax", 1)], "chunk_index")
             picked = ed.op("Gather", [flat, idx], "top_rows", axis=0)            # [B, R, Nk]
         w = ed.op("Slice", [weights_row, ed.ints("s", start), ed.ints("e", end), ed.ints("ax", 2)], "chunk_weights")
@@ -336,6 +338,12 @@ def _contract_rows(ed: GraphEditor, src: ScoringRows, weights_row: Any, plan: Ke
 
 
 # --------------------------------------------------------------------------- gathering
+def is_kept_key_gather(node: str) -> bool:
+    """Whether node ``node`` gathers kept keys for later layers (the pruning itself), as opposed
+    to the scoring's gathers of attention rows; for reading profiles of rewritten models."""
+    return node.startswith(PREFIX) and "/gather/" in node and f"/{ROW_GATHER_SCOPE}" not in node
+
+
 def gather_scope(plan: KeyPruningPlan, stage: int) -> str:
     """Name prefix of the gathers feeding ``stage``: those of the pruning layer that chose the keys."""
     return f"{PREFIX}l{plan.steps[stage - 1].layer}/gather/"
