@@ -545,3 +545,23 @@ def test_fused_multihead_attention_probabilities_match_the_op() -> None:
     out.ir_version = 9
     got = ort.InferenceSession(out.SerializeToString()).run(None, feeds)[1]           # [B, h, k, Nk]
     np.testing.assert_allclose(got, np.stack([probs[i][:, rows[i]] for i in range(b)]), atol=1e-6)
+
+
+def test_q_rows_are_picked_first_only_under_a_mask_known_to_be_per_key() -> None:
+    """Recomputing only the top-k rows needs the same mask for every query; a mask whose shape
+    is unknown, or has a query axis, makes the recomputation take all rows and pick them after."""
+    from types import SimpleNamespace
+
+    import onnx_graphsurgeon as gs
+
+    info = {"per_key": (onnx.TensorProto.BOOL, (2, 1, 1, 40)), "keys_only": (onnx.TensorProto.BOOL, (40,)),
+            "per_query": (onnx.TensorProto.FLOAT, (7, 40))}
+    ed = GraphEditor(gs, gs.Graph(opset=17), 17, info)
+    attention = SimpleNamespace(op="Attention")
+
+    def mask(name: str) -> MaskInput:
+        return MaskInput(name, "attn", 3, 1, 0)
+    assert tggbc_pass._per_key_mask(ed, attention, mask("per_key"))
+    assert tggbc_pass._per_key_mask(ed, attention, mask("keys_only"))
+    assert not tggbc_pass._per_key_mask(ed, attention, mask("per_query"))
+    assert not tggbc_pass._per_key_mask(ed, attention, mask("unknown"))

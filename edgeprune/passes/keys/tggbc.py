@@ -188,10 +188,15 @@ def _fused_probs(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan, row
 
 
 def _per_key_mask(ed: GraphEditor, fused: Any, mask: MaskInput) -> bool:
-    """Whether ``mask`` is the same for every query (so Q rows can be picked before Q K^T)."""
+    """Whether ``mask`` is the same for every query (so Q rows can be picked before Q K^T).
+
+    A mask of unknown shape may vary per query: then all rows are recomputed and picked after.
+    """
     if fused.op == "MultiHeadAttention" and mask.input_index == 4:             # key_padding_mask [B, Nk]
         return True
-    shape = ed.info.get(mask.tensor, (FLOAT, ()))[1]
+    if mask.tensor not in ed.info:
+        return False
+    shape = ed.info[mask.tensor][1]
     return len(shape) < 2 or shape[-2] == 1
 
 
