@@ -414,6 +414,24 @@ def edgeprune_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     return onnx.load(str(path))
 
 
+def test_metadata_is_still_used_after_fp16_conversion(edgeprune_export: Any,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """fp16 keeps Softmax in fp32 and gives its fp16 Cast the recorded probabilities name: the
+    record still names the layers (no "stale" fallback to matching)."""
+    from edgeprune.export.decoder_map import read_decoder_map
+    from edgeprune.passes.precision.fp16 import convert_fp16
+
+    dmap = read_decoder_map(edgeprune_export)
+    half = convert_fp16(edgeprune_export)
+    producers = {out: n.op_type for n in half.graph.node for out in n.output}
+    recorded = [lm.cross_attn_probs.name for lm in dmap.layers if lm.cross_attn_probs is not None]
+    with caplog.at_level(logging.WARNING):
+        structure = discover(half)
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]
+    assert structure.source == "metadata" and structure.num_layers == dmap.num_layers
+    assert recorded and all(producers.get(name) == "Cast" for name in recorded)   # the case this guards
+
+
 def test_metadata_is_used_when_present_and_ignored_when_stale(edgeprune_export: Any,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     from edgeprune.export.decoder_map import DECODER_MAP_KEY, read_decoder_map

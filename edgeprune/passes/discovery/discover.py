@@ -31,7 +31,7 @@ from edgeprune.passes.discovery.attention import AttentionMatch, find_attentions
 from edgeprune.passes.discovery.class_head import find_class_head, follows_layers
 from edgeprune.passes.discovery.guidance import dynamic_inputs, mask_candidates, no_decoder_message, \
     projection_guesses, symbolic_override_message
-from edgeprune.graph.index import GraphIndex, name_nodes
+from edgeprune.graph.index import GraphIndex, name_nodes, walk_up
 from edgeprune.graph.ops import LAYOUT_OPS, STACK_VIEWS
 from edgeprune.graph.edit import shapes_with_folded_sizes
 from edgeprune.graph.run import run_shapes
@@ -127,7 +127,8 @@ def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[Attentio
     layers = []
     for lm in dmap.layers:
         if lm.cross_attn_probs is not None:
-            match = by_probs.get(lm.cross_attn_probs.name)
+            name = lm.cross_attn_probs.name
+            match = by_probs.get(name) or by_probs.get(_copied_from(index, name))
         else:
             match = fused[lm.index] if lm.index < len(fused) else None
         if match is None or match.num_queries != dmap.num_queries:
@@ -139,6 +140,19 @@ def _layers_from_map(index: GraphIndex, dmap: Any, attentions: Sequence[Attentio
             return None
         layers.append(_layer(lm.index, match, lm.logits.name if lm.logits else None))
     return layers
+
+
+def _copied_from(index: GraphIndex, tensor: str) -> str:
+    """The tensor that a chain of Cast/Identity nodes ending in ``tensor`` copies.
+
+    The fp16 conversion keeps Softmax in fp32 and gives its fp16 Cast the Softmax's old name, so
+    a recorded probabilities name then names a copy of what attention matching finds.
+    """
+    return walk_up(index, tensor, through=_copy_input).tensor
+
+
+def _copy_input(_: GraphIndex, node: Any) -> int | None:
+    return 0 if node.op_type in ("Cast", "Identity") else None
 
 
 # ------------------------------------------------------------------ matching
