@@ -147,11 +147,12 @@ def ablation_rows(model: Path, args: argparse.Namespace, half: int) -> List[List
     return rows
 
 
-def gpq_rows(model: Path, args: argparse.Namespace, calib: Path, base: Dict[str, float]) -> List[List[str]]:
+def gpq_rows(model: Path, args: argparse.Namespace, calib: Path, base: Dict[str, float],
+             num_queries: int) -> List[List[str]]:
     from edgeprune.passes.queries.gpq import QueryPruningPass, load_calibration, load_keep_indices
     from edgeprune.training.loop import keep_indices_path
 
-    rows = [["300 (unpruned)", "-", f"{base['mAP']:.4f}", f"{base['NDS']:.4f}"]]
+    rows = [[f"{num_queries} (unpruned)", "-", f"{base['mAP']:.4f}", f"{base['NDS']:.4f}"]]
     for spec in args.gpq:
         keep, weights = spec.split("=", 1)
         one_shot = rewrite_once(model, args.work / f"gpq{keep}-one-shot.onnx",
@@ -219,17 +220,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     facts = c.machine_facts(None)
     model = export_demo(args.weights, args.work / "demo.onnx")
-    num_keys = decoder_size(str(model)).num_keys
+    size = decoder_size(str(model))
+    num_keys = size.num_keys
     half = parse_r("50%", num_keys)[0]
     sweep_lines, tables = run_sweep_tables(model, args, num_keys)
     base = evaluate(model, args)
     calib = calibration_images(args, args.work / "calib.npz")
     ablation = ablation_rows(model, args, half)
-    gpq = gpq_rows(model, args, calib, base)
+    gpq = gpq_rows(model, args, calib, base, size.num_queries)
     int8 = int8_rows(model, args, half, base)
     c.finish(facts)
     md = ["# Accuracy of pruning on the trained demo detector", "", f"Command: `{c.command_line()}`", "",
-          c.machine_line(facts), "", f"{num_keys} keys, 300 queries, 6 decoder layers; mAP/NDS on "
+          c.machine_line(facts), "", f"{num_keys} keys, {size.num_queries} queries, {size.num_layers} decoder layers; mAP/NDS on "
           f"{args.data} ({'all' if args.limit is None else args.limit} scenes).", "", "## Sweep", "", *sweep_lines,
           "## tgGBC importance ablations (r=50%, n=2, k=175)", "",
           *markdown_table(["importance", "mAP", "NDS"], ablation), "",

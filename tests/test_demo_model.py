@@ -52,3 +52,28 @@ def test_gpq_on_the_whole_demo_equals_the_torch_model_with_those_queries(demo_on
     assert cls.shape == (6, 1, 100, 4)
     np.testing.assert_allclose(cls, out.all_cls_scores.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(boxes, out.all_bbox_preds.numpy(), atol=1e-4, rtol=0)
+
+
+def test_box_diagnosis_measures_offsets_against_the_reference_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/demo_box_diagnosis.py on the shipped weights: its at-reference baseline is the
+    denoising jitter's mean |dx| (uniform in a 1 m disk: 4 / (3 pi) = 0.42 m) and the probe runs."""
+    import math
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import demo_box_diagnosis
+
+    scenes = tmp_path / "scenes"
+    generate_dataset(scenes, 6, 3, get_preset("demo").image_size)
+    model = demo_box_diagnosis.load(None, None)
+    args = demo_box_diagnosis.parse_args(["--data", str(scenes), "--scenes", "6"])
+    errors, at_ref, feats, offsets = demo_box_diagnosis.collect(model, args)
+    assert errors.shape[1] == 10 and len(errors) == len(feats) == len(offsets) > 50
+    assert abs(float(at_ref[:, :2].mean()) - 4 / (3 * math.pi)) < 0.1
+    assert torch.allclose(at_ref[:, :2], offsets.abs(), atol=1e-3)     # both are |centre - reference|, in metres
+    held_out, zero = demo_box_diagnosis.probe(feats, offsets, 0)
+    assert math.isfinite(held_out) and zero > 0
+    assert demo_box_diagnosis.main(["--data", str(scenes), "--scenes", "2"]) == 0
+    assert "predicting 0" in capsys.readouterr().out
+    del sys.modules["demo_box_diagnosis"]
