@@ -37,13 +37,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def load(weights: Optional[str], layers: Optional[int]):
     import torch
     from edgeprune.models.build import build_model
+    from edgeprune.models.checkpoint import load_checkpoint
     from edgeprune.training.setup import run_layers
 
     model = build_model("demo", "full", seed=0, shipped_weights=weights is None)
-    if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state["model"] if "model" in state else state
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    if weights:                       # a resumable .state holds the state dict under "model"
+        saved = torch.load(weights, map_location="cpu", weights_only=True)
+        load_checkpoint(model, weights, state=saved.get("model", saved))
     if layers:
         run_layers(model, layers)
     return model.eval()
@@ -73,11 +73,10 @@ def collect(model, args: argparse.Namespace) -> Tuple["torch.Tensor", ...]:
             positive = queries.labels[0] >= 0
             truth = loss_space(queries.code[0, positive], data.pc_range)
             errors.append((loss_space(boxes[-1, 0, positive], data.pc_range) - truth).abs())
-            ref_box = boxes[-1, 0, positive].clone()
-            ref_box[:, :3] = queries.ref[0, positive]
-            at_ref.append((loss_space(ref_box, data.pc_range) - truth).abs()[:, :3])
+            offset = (queries.code[0, positive, :3] - queries.ref[0, positive]) * (hi - lo)   # metres, as loss_space
+            at_ref.append(offset.abs())
             feats.append(seen[-1][0, positive])
-            offsets.append((queries.code[0, positive, :2] - queries.ref[0, positive, :2]) * (hi - lo)[:2])
+            offsets.append(offset[:, :2])
     hook.remove()
     return torch.cat(errors), torch.cat(at_ref), torch.cat(feats), torch.cat(offsets)
 
