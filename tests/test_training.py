@@ -78,6 +78,19 @@ def test_reference_points_cover_the_ground_disk() -> None:
     assert torch.allclose(xyz[:, 2], torch.full((500,), -1.04), atol=1e-4)
 
 
+def test_reference_points_leave_no_holes_where_objects_stand() -> None:
+    """300 points: every spot 4-35 m out has one within 3 m (300 uniform random points leave
+    holes near 6 m), and the inner half of the ring holds more of them than its share of area."""
+    lo, hi = torch.tensor(PC_RANGE[:3]), torch.tensor(PC_RANGE[3:])
+    ref = (lo + reference_points(300, 0, PC_RANGE) * (hi - lo))[:, :2]
+    gen = torch.Generator().manual_seed(1)
+    radius, angle = torch.rand(20000, generator=gen) * 31 + 4, torch.rand(20000, generator=gen) * 2 * math.pi
+    spots = torch.stack([radius * angle.cos(), radius * angle.sin()], 1)
+    assert float(torch.cdist(spots, ref).min(1).values.max()) < 3.0
+    inner = float((ref.norm(dim=1) < 20.0).float().mean())
+    assert inner > (20.0 ** 2 - 3.0 ** 2) / (37.0 ** 2 - 3.0 ** 2) + 0.05
+
+
 @pytest.fixture(scope="module")
 def tiny_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("train") / "scenes"

@@ -9,7 +9,7 @@ first steps' speed and logged, so --steps repeats the schedule.
 
 examples:
   edgeprune dataset synth -o scenes-train --scenes 1600 --seed 1
-  edgeprune train-demo --data scenes-train -o demo.pt --time-budget 48 --log train.log
+  edgeprune train-demo --data scenes-train -o demo.pt --time-budget 56 --log train.log
   edgeprune train-demo --data scenes-train -o demo-gpq100.pt --init demo.pt --gpq-keep 100 --steps 1200 --lr 5e-5
   edgeprune export --model demo --scope full --checkpoint demo.pt -o demo.onnx
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 ATTENTION_IMPLS = ("manual", "torch")
+QUERY_CONTENTS = ("zeros", "position")
 # Backbones implemented for whole-model (--scope full) export; kept here, torch-free, so that
 # listing presets needs no torch. edgeprune.models.backbone.BACKBONES must match (tested).
 WHOLE_MODEL_BACKBONES = ("resnet18", "resnet-tiny", "resnet50", "resnet101")
@@ -32,6 +33,16 @@ class DecoderConfig:
     num_propagated: int = 0       # StreamPETR: queries propagated from the previous frame
     memory_len: int = 0           # StreamPETR: temporal memory tokens added to self-attention
     attention: str = "manual"
+    # What the learned queries' content starts as: "zeros" (PETR) or "position", their position
+    # embedding, so that the box branch knows the reference point it regresses an offset from.
+    query_content: str = "zeros"
+
+    def __post_init__(self) -> None:
+        if self.query_content not in QUERY_CONTENTS:
+            raise ValueError(f"query_content {self.query_content!r} is not one of {', '.join(QUERY_CONTENTS)}")
+        if self.query_content == "position" and self.num_propagated:
+            raise ValueError("query_content='position' applies to learned queries only; "
+                             "use 'zeros' with num_propagated > 0 (StreamPETR)")
 
     @property
     def total_queries(self) -> int:

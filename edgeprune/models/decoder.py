@@ -200,6 +200,13 @@ class PETRHead(nn.Module):
         return small.train(self.training)
 
     # ---------------------------------------------------------------- forward
+    def query_start(self, tgt: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Reference points ``[B, Nq, 3]`` -> ``(tgt, query_pos, ref_logit)`` the first layer takes."""
+        query_pos = self.query_embedding(sine_embedding_3d(ref, self.cfg.embed_dims // 2))  # [B, Nq, E]
+        if self.cfg.query_content == "position":
+            tgt = query_pos
+        return tgt, query_pos, inverse_sigmoid(ref)
+
     def _predict(self, tgt: Tensor, ref_logit: Tensor) -> tuple[Tensor, Tensor]:
         """Layer output [B, Nq, E] -> (class logits [B, Nq, C], boxes [B, Nq, code])."""
         normed = self.post_norm(tgt)
@@ -217,8 +224,7 @@ class PETRHead(nn.Module):
         ``pruning`` reduces keys between layers: ``TgGBCConfig`` (tgGBC) or ``ToMeConfig`` (ToMe).
         """
         tgt, ref = self._initial_queries(memory.shape[0], prev_query, prev_ref, query_indices)
-        query_pos = self.query_embedding(sine_embedding_3d(ref, self.cfg.embed_dims // 2))  # [B, Nq, E]
-        ref_logit = inverse_sigmoid(ref)
+        tgt, query_pos, ref_logit = self.query_start(tgt, ref)
         drops = (pruning.layer_schedule(memory.shape[1], self.cfg.num_layers, tgt.shape[1])
                  if pruning is not None else [0] * self.cfg.num_layers)
         keys = LayerKeys(memory, key_pos, key_padding_mask)

@@ -14,7 +14,7 @@ _STREAM_LIGHT = DecoderConfig(num_queries=300, num_propagated=128, memory_len=51
 
 # The demo detector (edgeprune train-demo): the synthetic dataset's 4 classes, 300 queries, 1056 keys
 # (6 x 22 x 8 at 352x128); FFN 512 wide so that the fp16 checkpoint stays under 20 MB.
-_DEMO = DecoderConfig(num_classes=4, num_queries=300, ffn_dims=512)
+_DEMO = DecoderConfig(num_classes=4, num_queries=300, ffn_dims=512, query_content="position")
 
 _ROWS: list[ModelPreset] = [
     ModelPreset("petr-r50-1408x512", "petr", "resnet50", (1408, 512), decoder=_PETR),

@@ -9,7 +9,8 @@ has to read them. The head is not part of the detector: the exported graph is un
 
 Targets per camera and token (stride-16 cell): the nearest box (by camera depth) whose
 projected 2D box contains the cell centre, or whose projected centre falls in the cell;
-its class, and the log camera depth of its centre.
+its class, the log camera depth of its centre, and the offset (in cells) from the cell centre
+to the object's projected centre, so that a token also says where its object's middle is.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class TokenTargets:
 
     labels: Tensor
     log_depth: Tensor
+    centre_offset: Tensor           # [Nk, 2] (columns, rows) from the cell centre to the object's projected centre
 
 
 def _cell_centres(image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -43,11 +45,12 @@ def _cell_centres(image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def token_targets(boxes: Boxes, rig: Rig) -> TokenTargets:
-    """Class and log depth of the object covering each image token of the scene ``boxes``."""
+    """Class, log depth and centre offset of the object covering each image token of the scene ``boxes``."""
     u, v = _cell_centres(rig.image_size)
     per_cam = len(u)
     labels = np.full(rig.num_cameras * per_cam, NO_OBJECT, dtype=np.int64)
     log_depth = np.zeros(rig.num_cameras * per_cam, dtype=np.float32)
+    offset = np.zeros((rig.num_cameras * per_cam, 2), dtype=np.float32)
     box_corners = corners(boxes) if len(boxes) else np.zeros((0, 8, 3))
     for cam in range(rig.num_cameras):
         depth = np.full(per_cam, np.inf)
@@ -63,18 +66,21 @@ def token_targets(boxes: Boxes, rig: Rig) -> TokenTargets:
             closer = inside & (centre_cam[2] < depth)
             depth[closer] = centre_cam[2]
             labels[cam * per_cam:(cam + 1) * per_cam][closer] = int(boxes.labels[i])
+            cells = offset[cam * per_cam:(cam + 1) * per_cam]
+            cells[closer, 0] = (cu - u[closer]) / STRIDE
+            cells[closer, 1] = (cv - v[closer]) / STRIDE
         seen = np.isfinite(depth)
         log_depth[cam * per_cam:(cam + 1) * per_cam][seen] = np.log(depth[seen])
-    return TokenTargets(torch.from_numpy(labels), torch.from_numpy(log_depth))
+    return TokenTargets(torch.from_numpy(labels), torch.from_numpy(log_depth), torch.from_numpy(offset))
 
 
 class TokenHead(nn.Module):
-    """``memory [B, Nk, E]`` -> ``[B, Nk, C + 1]``: class logits and log depth of every token."""
+    """``memory [B, Nk, E]`` -> ``[B, Nk, C + 3]``: class logits, log depth and centre offset of every token."""
 
     def __init__(self, embed_dims: int, num_classes: int, prior_bias: float) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(embed_dims, embed_dims), nn.ReLU(inplace=True),
-                                 nn.Linear(embed_dims, num_classes + 1))
+                                 nn.Linear(embed_dims, num_classes + 3))
         nn.init.constant_(self.mlp[-1].bias[:num_classes], prior_bias)
         nn.init.constant_(self.mlp[-1].bias[num_classes], 2.5)           # log(12 m)
         self.num_classes = num_classes
@@ -84,7 +90,7 @@ class TokenHead(nn.Module):
 
 
 def token_loss(pred: Tensor, targets: list[TokenTargets], num_classes: int) -> tuple[Tensor, dict[str, float]]:
-    """Focal loss over every token's classes + L1 on log depth of covered tokens, per covered token."""
+    """Focal loss over every token's classes + L1 on log depth and centre offset of covered tokens, per covered token."""
     labels = torch.stack([t.labels for t in targets])                           # [B, Nk]
     log_depth = torch.stack([t.log_depth for t in targets])
     covered = labels >= 0
@@ -93,4 +99,8 @@ def token_loss(pred: Tensor, targets: list[TokenTargets], num_classes: int) -> t
     count = max(int(covered.sum()), 1)
     focal = sigmoid_focal_loss(pred[..., :num_classes], onehot) / count
     depth = (pred[..., num_classes][covered] - log_depth[covered]).abs().sum() / count
-    return focal + depth, {"token_cls": float(focal.detach()), "token_depth": float(depth.detach())}
+    offset = torch.stack([t.centre_offset for t in targets])
+    shift = (pred[..., num_classes + 1:num_classes + 3][covered] - offset[covered]).abs().sum() / count
+    parts = {"token_cls": float(focal.detach()), "token_depth": float(depth.detach()),
+             "token_offset": float(shift.detach())}
+    return focal + depth + shift, parts
