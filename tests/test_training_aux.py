@@ -156,8 +156,8 @@ def test_position_content_starts_each_query_as_its_position_embedding() -> None:
     zeros = ref.new_zeros(1, ref.shape[1], head.cfg.embed_dims)
     plain = build_model(TINY, "decoder", seed=3).head
     with torch.no_grad():
-        tgt, query_pos, _ = head.query_start(zeros, ref)
-        tgt0, _, _ = plain.query_start(zeros, ref)
+        tgt, query_pos, _ = head.query_start(zeros, ref, torch.ones(1, 5, head.cfg.embed_dims))
+        tgt0, _, _ = plain.query_start(zeros, ref, torch.ones(1, 5, head.cfg.embed_dims))
     assert torch.equal(tgt, query_pos) and float(tgt.abs().sum()) > 0
     assert float(tgt0.abs().sum()) == 0.0
 

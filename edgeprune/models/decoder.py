@@ -200,11 +200,18 @@ class PETRHead(nn.Module):
         return small.train(self.training)
 
     # ---------------------------------------------------------------- forward
-    def query_start(self, tgt: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Reference points ``[B, Nq, 3]`` -> ``(tgt, query_pos, ref_logit)`` the first layer takes."""
+    def query_start(self, tgt: Tensor, ref: Tensor, memory: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Reference points ``[B, Nq, 3]`` -> ``(tgt, query_pos, ref_logit)`` the first layer takes.
+
+        With ``query_content="position"`` the content is the position embedding plus zero times
+        one memory value. The zero term keeps the content a runtime tensor: otherwise the whole
+        first self-attention is input-independent, exporters fold it into one constant mixed
+        over all queries, and GPQ's query slicing of the ONNX graph could no longer give what
+        the model computes with fewer queries.
+        """
         query_pos = self.query_embedding(sine_embedding_3d(ref, self.cfg.embed_dims // 2))  # [B, Nq, E]
         if self.cfg.query_content == "position":
-            tgt = query_pos
+            tgt = query_pos + memory[:, :1, :1] * 0.0
         return tgt, query_pos, inverse_sigmoid(ref)
 
     def _predict(self, tgt: Tensor, ref_logit: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,7 +231,7 @@ class PETRHead(nn.Module):
         ``pruning`` reduces keys between layers: ``TgGBCConfig`` (tgGBC) or ``ToMeConfig`` (ToMe).
         """
         tgt, ref = self._initial_queries(memory.shape[0], prev_query, prev_ref, query_indices)
-        tgt, query_pos, ref_logit = self.query_start(tgt, ref)
+        tgt, query_pos, ref_logit = self.query_start(tgt, ref, memory)
         drops = (pruning.layer_schedule(memory.shape[1], self.cfg.num_layers, tgt.shape[1])
                  if pruning is not None else [0] * self.cfg.num_layers)
         keys = LayerKeys(memory, key_pos, key_padding_mask)
