@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from edgeprune.models.decoder import PETRHead, inverse_sigmoid, sine_embedding_3d
+from edgeprune.models.decoder import PETRHead
 from edgeprune.training.losses import Target, loss_space, sigmoid_focal_loss
 
 POSITIVE_NOISE_M = 1.0          # centre jitter of a positive query (uniform in a disk, metres)
