@@ -77,3 +77,45 @@ def test_box_diagnosis_measures_offsets_against_the_reference_points(tmp_path: P
     assert demo_box_diagnosis.main(["--data", str(scenes), "--scenes", "2"]) == 0
     assert "predicting 0" in capsys.readouterr().out
     del sys.modules["demo_box_diagnosis"]
+
+
+def test_key_selection_report_on_the_shipped_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/demo_key_selection.py: random subsets keep about their share of object tokens,
+    tgGBC's importance ranks object tokens above chance after layer 0 (the trained demo's layer 0
+    attends to objects), the torch mAP is a proper fraction, and the report lands atomically."""
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import demo_key_selection
+
+    scenes = tmp_path / "scenes"
+    generate_dataset(scenes, 8, 9001, get_preset("demo").image_size)
+    out = tmp_path / "report.md"
+    assert demo_key_selection.main(["--data", str(scenes), "--r", "528", "--seeds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["scenes"] >= 6 and result["keys"] == 1056
+    for seed in ("random s0", "random s1"):
+        assert 0.3 < result["kept"][seed]["528"]["object_tokens"] < 0.7
+    assert result["auc"]["S (tgGBC), layer 0"] > 0.7
+    assert result["kept"]["tgGBC"]["528"]["object_tokens"] > result["kept"]["random s0"]["528"]["object_tokens"]
+    assert all(0 < d["mAP"] <= 1 for d in result["detections"].values())
+    assert "## What survives the pruning" in out.read_text()
+    del sys.modules["demo_key_selection"]
+
+
+def test_auc_and_kept_index_chaining() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import demo_key_selection as ks
+    finally:
+        sys.path.pop(0)
+    labels = np.array([True, False, True, False])
+    assert ks.auc(np.array([0.9, 0.1, 0.8, 0.2]), labels) == 1.0
+    assert ks.auc(np.array([0.1, 0.9, 0.2, 0.8]), labels) == 0.0
+    assert ks.auc(np.ones(4), labels) == 0.5
+    first, second = torch.tensor([[3, 0, 2]]), torch.tensor([[2, 0]])   # layer 1 keeps keys 2 and 0 of layer 0's kept
+    assert ks.kept_original([first, None, second]).tolist() == [2, 3]
+    del sys.modules["demo_key_selection"]
