@@ -11,6 +11,7 @@ inputs not used for calibration, and the share of the keys tgGBC keeps that matc
 Writes ``<out>/int8_decoder-<preset>.json`` and ``.md``.
 
     python benchmarks/bench_int8_decoder.py --threads 1             # minutes
+    python benchmarks/bench_int8_decoder.py --profile               # + where the time goes, Amdahl's bound
     python benchmarks/bench_int8_decoder.py --quick                 # smoke run: 2 layers, few repeats
 """
 from __future__ import annotations
@@ -21,13 +22,20 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import _common as c            # puts the checkout on sys.path
 from edgeprune.cli.args import add_key_count_arguments  # noqa: E402
 
 log = logging.getLogger("bench_int8_decoder")
 VARIANTS = ("int8", "int8-dynamic")
+# Op types of ORT's optimised CPU graphs, grouped for "where the time goes". Weight GEMMs are what
+# int8 speeds up (with their quantize/dequantize work); the attention products (q k^T, p v: two
+# activations, kept float by the pass) and Softmax are not; everything else is "other".
+WEIGHT_GEMMS = frozenset({"Gemm", "FusedGemm", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                          "MatMulInteger", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear",
+                          "DynamicQuantizeLinear"})
+ATTENTION = frozenset({"MatMul", "FusedMatMul", "Softmax"})
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -39,6 +47,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-seeds", type=int, default=3, help="input seeds the deviation is measured on")
     c.add_timing_arguments(p, warmup=2, repeats=15)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 1 warm-up + 3 timed runs")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each model (ORT per-node kernel times) and report where the time goes")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.warmup, args.repeats = args.layers or 2, 1, 3
@@ -116,8 +126,45 @@ def _run(path: Path, x: Dict[str, Any], extra: List[str], session: Any) -> Dict[
     return dict(zip(names, sess.run(names, x)))
 
 
+def time_split(summary: Any) -> Dict[str, float]:
+    """Kernel ms per run of one profiled model: weight GEMMs, attention products + Softmax, other."""
+    split = {"weight GEMMs": 0.0, "attention + Softmax": 0.0, "other": 0.0}
+    for row in summary.by_op_type:
+        group = "weight GEMMs" if row.key in WEIGHT_GEMMS else "attention + Softmax" if row.key in ATTENTION else "other"
+        split[group] += row.total_us / 1000.0
+    return split
+
+
+def amdahl(fp32: Dict[str, float], int8: Dict[str, float]) -> Dict[str, float]:
+    """What int8 of the weight GEMMs alone can give: their measured speedup, and the whole
+    decoder's speedup if they cost nothing at all (Amdahl's bound: the rest stays float)."""
+    total = sum(fp32.values())
+    gemm = fp32["weight GEMMs"]
+    return {"gemm_speedup": gemm / int8["weight GEMMs"] if int8["weight GEMMs"] else float("inf"),
+            "bound_free_gemms": total / (total - gemm),
+            "float_share": fp32["attention + Softmax"] / total}
+
+
+def profile_lines(report: Any, labels: Dict[str, str]) -> Tuple[List[str], Dict[str, Any]]:
+    """Markdown table of the time split per model, and the bound against the fp32 model."""
+    splits = {m.name: time_split(m.profile_summary) for m in report.models if m.profile_summary is not None}
+    if "tggbc-fp32" not in splits:
+        return [], {}
+    groups = list(splits["tggbc-fp32"])
+    lines = ["", "Where the time goes (ORT per-node kernel ms per run, each model profiled in its own session):", "",
+             "| model | " + " | ".join(groups) + " | total |", "|---|" + "---|" * (len(groups) + 1)]
+    lines += [f"| {labels.get(n, n)} | " + " | ".join(f"{v[g]:.1f}" for g in groups) + f" | {sum(v.values()):.1f} |"
+              for n, v in splits.items()]
+    bounds = {n: amdahl(splits["tggbc-fp32"], v) for n, v in splits.items() if n != "tggbc-fp32"}
+    for n, b in bounds.items():
+        lines.append(f"- {labels.get(n, n)}: weight GEMMs {b['gemm_speedup']:.2f}x faster than fp32's; "
+                     f"attention + Softmax are {b['float_share']:.0%} of the fp32 decoder and stay float, so "
+                     f"even free weight GEMMs give at most {b['bound_free_gemms']:.2f}x (Amdahl).")
+    return lines, {"splits_ms": splits, "bounds": bounds}
+
+
 def markdown(args: argparse.Namespace, facts: Dict[str, Any], rows: List[c.Row], built: Dict[str, Any],
-             fid: Dict[str, Dict[str, float]], warnings: List[str]) -> str:
+             fid: Dict[str, Dict[str, float]], warnings: List[str], profile: List[str]) -> str:
     extra = {f"tggbc-{v}": [f"{fid[v]['all_cls_scores']:.3f}", f"{fid[v]['all_bbox_preds']:.3f}",
                             f"{fid[v]['kept_keys_share'] * 100:.1f}%", f"{built['seconds'][v]:.1f}"] for v in VARIANTS}
     extra["tggbc-fp32"] = ["0", "0", "100%", f"{built['seconds']['tggbc']:.1f}"]
@@ -127,7 +174,7 @@ def markdown(args: argparse.Namespace, facts: Dict[str, Any], rows: List[c.Row],
         f"Batch 1; {args.warmup} warm-up run(s) per model, then rounds of one run per model (fp32, int8, "
         "int8-dynamic) in one `edgeprune bench` session; speedups: paired bootstrap against fp32 tgGBC.", "",
         *c.table(rows, extra, ["cls dev / range", "box dev / range", "kept keys = fp32", "rewrite s"]),
-        *warnings, "",
+        *warnings, *profile, "",
         f"Deviation: max |int8 - fp32| over all layers / (max - min of fp32), worst of {args.eval_seeds} input seeds "
         f"not used for calibration (static int8: {args.calib_samples} random calibration feeds, minmax). Kept keys: "
         "share of the keys tgGBC keeps in int8 that fp32 keeps too (worst seed). Weights are seeded random, so this "
@@ -143,13 +190,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         fid = fidelity(built["paths"], args.eval_seeds)
         facts["load_start"] = c.load_average()        # the timing's own start (the rewrites came first)
         report = c.time_models(list(built["paths"].values()), warmup=args.warmup, repeats=args.repeats,
-                               threads=args.threads, time_budget=args.time_budget)
+                               threads=args.threads, time_budget=args.time_budget, profile=args.profile)
         c.finish(facts)
     labels = {"tggbc-fp32": "tgGBC fp32", "tggbc-int8": "tgGBC int8 (static QDQ)",
               "tggbc-int8-dynamic": "tgGBC int8-dynamic"}
     rows = c.rows(report, labels, {"tggbc-int8": "tggbc-fp32", "tggbc-int8-dynamic": "tggbc-fp32"})
-    text = markdown(args, facts, rows, built, fid, c.drift_warnings(report))
-    result = {"benchmark": "int8_decoder", "args": vars(args), "machine": facts, "seconds": built["seconds"],
+    profile, split = profile_lines(report, labels)
+    text = markdown(args, facts, rows, built, fid, c.drift_warnings(report), profile)
+    result = {"time_split": split, "benchmark": "int8_decoder", "args": vars(args), "machine": facts, "seconds": built["seconds"],
               "fidelity": fid, "speedups": [asdict(r.speedup) for r in rows if r.speedup is not None],
               "report": report.to_dict()}
     c.write_results(args.out / f"int8_decoder-{args.preset}{'-quick' if args.quick else ''}", result, text)

@@ -24,11 +24,13 @@ What this module adds:
    whose 16-bit intermediate sums saturate, and "per-channel ... on AVX2 and AVX512
    machines, you will generally need to enable reduce-range as well"; on x86 with VNNI and
    on ARM with the dot-product instructions (the OrangePi 5's Cortex-A76, ``asimddp``)
-   there is no saturation. Measured here (AMD EPYC, AVX2, no VNNI, ORT 1.32): without
+   there is no saturation. Measured on an AMD EPYC without VNNI (ORT 1.32): without
    reduce_range, quantizing ONE projection of the StreamPETR-R50 decoder (the self-attention
    value projection, whose input holds 900 zero rows next to the temporal memory) moved
    the class logits by 22 % of their range; with reduce_range the whole decoder stays
-   within 2.3 %. U8 activations: ``quantize_dynamic`` only has U8, and QOperator S8S8 is
+   within 2.3 %. On an EPYC with AVX-512 VNNI the whole tgGBC decoder with full-range
+   weights stays within 2.3 % (2.7 % with reduce_range): no saturation there, as the guide
+   says. The default stays reduce_range, the choice that is safe on every x86. U8 activations: ``quantize_dynamic`` only has U8, and QOperator S8S8 is
    slow on x86 (the guide). reduce_range costs one bit of weight precision on ARM / VNNI;
    ``--full-range`` turns it off for models that only run there.
 3. Calibration (static only) on the model's own inputs: ``--calib X.npz`` (one array per
@@ -87,7 +89,8 @@ FLOAT_OPS: dict[str, str] = {
 # LayerNorm and the residual Adds read float (fewer requantizations, also more accurate).
 FLOAT_OUTPUT_OPS: tuple[str, ...] = ("MatMul", "Gemm")
 # Why the attention products stay float by default (``--int8-attention`` quantizes them):
-# measured per op on the StreamPETR-R50 tgGBC decoder, 1 thread, ORT 1.32, AVX2 without VNNI,
+# measured per op on the StreamPETR-R50 tgGBC decoder, 1 thread, ORT 1.32, AVX2 without VNNI
+# (with VNNI too: quantized attention ran slower, benchmarks/README.md),
 # the q k^T (inner dim = head dim 32) and p v MatMuls took 1339 ms in fp32 and 1182 ms as
 # MatMulIntegerToFloat/QLinearMatMul plus 337 ms to quantize their inputs (the 8 x 900 x Nk
 # attention probabilities): slower, and they moved the outputs 3x more than the projections.
