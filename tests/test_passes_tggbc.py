@@ -71,7 +71,7 @@ def selection_margin(logits: Sequence[Tensor], probs: Sequence[Tensor], cfg: TgG
         score = tggbc.key_importance(lg, attn, cfg.k, use_class_score=cfg.use_class_score,
                                      class_reduce=cfg.class_reduce).sort(dim=1).values      # [B, Nk_l]
         gaps.append(((score[:, drop] - score[:, drop - 1]) / score[:, drop].abs()).min().item())
-        if cfg.k > 0:
+        if 0 < cfg.k < lg.shape[1]:             # k = Nq takes every query: no query boundary
             conf = tggbc.query_confidence(lg, cfg.class_reduce).sort(dim=1, descending=True).values
             gaps.append(((conf[:, cfg.k - 1] - conf[:, cfg.k]) / conf[:, cfg.k]).min().item())
     return min(gaps)
@@ -351,7 +351,9 @@ def test_fused_attention_recomputes_probabilities(tmp_path: Path) -> None:
     (TgGBCConfig(r=30, n=2, k=0, use_class_score=False), {"Sigmoid": 0, "ReduceMax": 0, "Tile": 2}),
     (TgGBCConfig(r=30, n=2, k=0, class_reduce="mean"), {"Sigmoid": 2, "ReduceMax": 0, "ReduceMean": 2}),
     (TgGBCConfig(r=20, n=1, k=0, class_reduce="min"), {"Sigmoid": 1, "ReduceMin": 1, "Tile": 1}),
-], ids=["no-class-score", "mean", "min"])
+    # k = Nq (20): every query scores, so no query TopK and no gather of attention rows (as k = 0)
+    (TgGBCConfig(r=30, n=2, k=20), {"Sigmoid": 2, "TopK": 2, "Gather": 0}),
+], ids=["no-class-score", "mean", "min", "k-all-queries"])
 def test_ablations_match_their_references(cfg: TgGBCConfig, ops: dict[str, int], tmp_path: Path) -> None:
     module = hd.HandDecoder("hand")
     inputs = module.example_inputs(batch=2, seed=0)
