@@ -29,6 +29,7 @@ from edgeprune.cli.args import add_key_count_arguments  # noqa: E402
 
 log = logging.getLogger("bench_int8_decoder")
 VARIANTS = ("int8", "int8-dynamic")
+DEFAULT_SETTING = (2000, 1, 900)        # r, n, k; other settings get their own result files
 # Op types of ORT's optimised CPU graphs, grouped for "where the time goes". Weight GEMMs are what
 # int8 speeds up (with their quantize/dequantize work); the attention products (q k^T, p v: two
 # activations, kept float by the pass) and Softmax are not; everything else is "other".
@@ -42,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="streampetr-r50-704x256")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's 6)")
-    add_key_count_arguments(p, r=2000, n=1, k=900)
+    add_key_count_arguments(p, **dict(zip("rnk", DEFAULT_SETTING)))
     p.add_argument("--calib-samples", type=int, default=4, help="random calibration feeds for static int8")
     p.add_argument("--eval-seeds", type=int, default=3, help="input seeds the deviation is measured on")
     c.add_timing_arguments(p, warmup=2, repeats=15)
@@ -163,6 +164,13 @@ def profile_lines(report: Any, labels: Dict[str, str]) -> Tuple[List[str], Dict[
     return lines, {"splits_ms": splits, "bounds": bounds}
 
 
+def without_node_rows(report: Dict[str, Any]) -> Dict[str, Any]:
+    """The report minus each model's per-node profile rows (thousands; the per-op summary stays)."""
+    for model in report["models"]:
+        model.pop("profile", None)
+    return report
+
+
 def markdown(args: argparse.Namespace, facts: Dict[str, Any], rows: List[c.Row], built: Dict[str, Any],
              fid: Dict[str, Dict[str, float]], warnings: List[str], profile: List[str]) -> str:
     extra = {f"tggbc-{v}": [f"{fid[v]['all_cls_scores']:.3f}", f"{fid[v]['all_bbox_preds']:.3f}",
@@ -197,10 +205,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = c.rows(report, labels, {"tggbc-int8": "tggbc-fp32", "tggbc-int8-dynamic": "tggbc-fp32"})
     profile, split = profile_lines(report, labels)
     text = markdown(args, facts, rows, built, fid, c.drift_warnings(report), profile)
-    result = {"time_split": split, "benchmark": "int8_decoder", "args": vars(args), "machine": facts, "seconds": built["seconds"],
+    result = {"benchmark": "int8_decoder", "args": vars(args), "machine": facts, "seconds": built["seconds"],
               "fidelity": fid, "speedups": [asdict(r.speedup) for r in rows if r.speedup is not None],
-              "report": report.to_dict()}
-    c.write_results(args.out / f"int8_decoder-{args.preset}{'-quick' if args.quick else ''}", result, text)
+              "time_split": split,
+              "report": without_node_rows(report.to_dict())}
+    setting = "" if (args.r, args.n, args.k) == DEFAULT_SETTING else f"-r{args.r}-n{args.n}-k{args.k}"
+    c.write_results(args.out / f"int8_decoder-{args.preset}{setting}{'-quick' if args.quick else ''}", result, text)
     print(text)
     return 0
 
