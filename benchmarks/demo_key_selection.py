@@ -17,14 +17,15 @@ against), on held-out scenes whose objects are known:
    torch model (same decoding as ``edgeprune eval``), and the confident queries (best-class score
    >= 0.3) that are true (an object of that class within 2 m) or false positives.
 
-    python benchmarks/demo_key_selection.py --data scenes-test
-    python benchmarks/demo_key_selection.py --data scenes-test --r 528 792 --seeds 5 --out results/demo_key_selection.md
+    python benchmarks/demo_key_selection.py --data scenes-test              # ~3 min; results/demo_key_selection.md
+    python benchmarks/demo_key_selection.py --data scenes-test --weights demo-ft.pt --out DIR
+    python benchmarks/demo_key_selection.py --data scenes-test --quick      # smoke run: 4 scenes, 1 seed, r=528
 """
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import _common  # noqa: F401  (puts the checkout on sys.path)
@@ -42,8 +43,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--scenes", type=int, default=None, help="use the first N scenes (default: all)")
     p.add_argument("--r", type=int, nargs="+", default=[528, 792], help="keys pruned in total (default: 528 792)")
     p.add_argument("--seeds", type=int, default=5, help="random subsets per r (default: 5)")
-    p.add_argument("--out", default=None, help="write the report here (.md; a .json is written beside it)")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=_common.RESULTS, help="directory for demo_key_selection.md/.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 scenes, 1 random seed, r=528")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.scenes, args.seeds, args.r = min(args.scenes or 4, 4), 1, [528]
+    return args
 
 
 @dataclass
@@ -318,16 +323,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     result = run(args)
     text = report(result)
+    _common.write_results(args.out / f"demo_key_selection{'-quick' if args.quick else ''}", result, text)
     print(text)
-    if args.out:
-        from pathlib import Path
-
-        from edgeprune.io import atomic_path
-        out = Path(args.out)
-        with atomic_path(out) as tmp:
-            Path(tmp).write_text(text)
-        with atomic_path(out.with_suffix(".json")) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=1))
     return 0
 
 

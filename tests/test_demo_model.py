@@ -91,8 +91,8 @@ def test_key_selection_report_on_the_shipped_weights(tmp_path: Path, monkeypatch
 
     scenes = tmp_path / "scenes"
     generate_dataset(scenes, 8, 9001, get_preset("demo").image_size)
-    out = tmp_path / "report.md"
-    assert demo_key_selection.main(["--data", str(scenes), "--r", "528", "--seeds", "2", "--out", str(out)]) == 0
+    assert demo_key_selection.main(["--data", str(scenes), "--r", "528", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "demo_key_selection.md"
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["scenes"] >= 6 and result["keys"] == 1056
     for seed in ("random s0", "random s1"):
