@@ -11,7 +11,8 @@ Exports the ``demo`` preset (its shipped weights, or ``--weights``) at full scop
 2. tgGBC's importance ablations at r=50% n=2 k=175 (no class score; mean / min over classes).
 3. GPQ: one-shot ranking (``--keep-queries K --calib``, ranked on ``--calib-data``) against
    the GPQPruner fine-tunes given with ``--gpq K=WEIGHTS`` (their ``.keep.json`` beside them).
-4. int8 (static, calibrated on ``--calib-data``) and int8-dynamic, with and without tgGBC,
+4. int8 (static, calibrated on ``--calib-data``) and int8-dynamic, with and without tgGBC, each
+   also with ``--int8-sensitivity`` (sensitive weight GEMMs kept float, probed on ``--calib-data``),
    and the share of tgGBC's kept keys that match fp32's on the evaluation scenes.
 
 Writes ``<out>/demo_accuracy.md`` and ``.json``; the sweep's own table, csv and Pareto plot
@@ -40,6 +41,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="evaluation scenes (a seed never used in training)")
     p.add_argument("--calib-data", required=True, help="scenes for GPQ one-shot ranking and int8 calibration")
+    p.add_argument("--int8-sensitivity", type=float, default=0.05,
+                   help="tolerance of the int8 rows that keep sensitive GEMMs float (default 0.05)")
     p.add_argument("--weights", default=None, help="demo weights (default: the shipped ones)")
     p.add_argument("--gpq", action="append", default=[], metavar="K=WEIGHTS",
                    help="a GPQ fine-tune keeping K queries (train-demo --gpq-keep K); repeatable")
@@ -192,16 +195,22 @@ def kept_key_share(reference: Path, candidate: Path, args: argparse.Namespace) -
 
 def int8_rows(model: Path, args: argparse.Namespace, half: int,
               base: Dict[str, float]) -> List[List[str]]:
-    from edgeprune.passes.precision.int8 import Int8Pass
+    from dataclasses import replace
+
+    from edgeprune.passes.precision.int8 import DEFAULT_CONFIG, Int8DynamicPass, Int8Pass
 
     fp32_tggbc = rewrite_once(model, args.work / "tggbc-fp32.onnx", [tggbc(half)])
-    static = Int8Pass(data=str(args.calib_data))
+    calib = str(args.calib_data)
+    sensitive = replace(DEFAULT_CONFIG, sensitivity=args.int8_sensitivity)
     rows = [["fp32", f"{base['mAP']:.4f}", "-"]]
     m = evaluate(fp32_tggbc, args)
     rows.append(["fp32 + tgGBC", f"{m['mAP']:.4f}", "100%"])
-    for name, precision in (("int8 (static QDQ)", static), ("int8-dynamic", "int8-dynamic")):
-        plain = rewrite_once(model, args.work / f"{name.split()[0]}-{len(rows)}.onnx", [], precision)
-        pruned = rewrite_once(model, args.work / f"{name.split()[0]}-tggbc-{len(rows)}.onnx", [tggbc(half)], precision)
+    tol = f"sensitive GEMMs float (--int8-sensitivity {args.int8_sensitivity:g})"
+    for name, precision in (("int8 (static QDQ)", Int8Pass(data=calib)), ("int8-dynamic", "int8-dynamic"),
+                            (f"int8 (static QDQ), {tol}", Int8Pass(sensitive, data=calib)),
+                            (f"int8-dynamic, {tol}", Int8DynamicPass(replace(sensitive, dynamic=True), data=calib))):
+        plain = rewrite_once(model, args.work / f"int8-{len(rows)}.onnx", [], precision)
+        pruned = rewrite_once(model, args.work / f"int8-tggbc-{len(rows)}.onnx", [tggbc(half)], precision)
         rows.append([name, f"{evaluate(plain, args)['mAP']:.4f}", "-"])
         rows.append([f"{name} + tgGBC", f"{evaluate(pruned, args)['mAP']:.4f}",
                      f"{100 * kept_key_share(fp32_tggbc, pruned, args):.1f}%"])

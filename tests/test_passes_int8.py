@@ -143,3 +143,83 @@ def test_bench_all_times_four_variants(tiny_tggbc: tuple[Path, Path, Path], tmp_
     assert labels == [("p32-fp32", "fp32"), ("p32-fp16", "fp16"), ("p32-int8", "int8"),
                       ("p32-int8-dynamic", "int8-dynamic")]
     assert all(len(m.samples_ms) == 2 for m in report.models)
+
+
+# ---------------------------------------------------------------- --int8-sensitivity
+def outlier_model(path: Path) -> Path:
+    """x [64, 16]: column 0 spans +-1000, the others +-1. ``fine`` reads only the small columns
+    (per-tensor activation quantization at step ~8 wipes them out: sensitive), ``coarse`` reads
+    mostly column 0 (its error is small against its own output range)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    fine = rng.standard_normal((16, 8)).astype(np.float32)
+    fine[0] = 0.0
+    coarse = (0.01 * rng.standard_normal((16, 8))).astype(np.float32)
+    coarse[0] = 1.0
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_fine"], ["y_fine"], name="fine"),
+         helper.make_node("MatMul", ["x", "w_coarse"], ["y_coarse"], name="coarse")],
+        "outliers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 16])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [64, 8]) for n in ("y_fine", "y_coarse")],
+        [numpy_helper.from_array(fine, "w_fine"), numpy_helper.from_array(coarse, "w_coarse")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def outlier_feeds(n: int = 2) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        x = rng.uniform(-1, 1, (64, 16)).astype(np.float32)
+        x[:, 0] *= 1000.0
+        out.append({"x": x})
+    return out
+
+
+def test_sensitivity_keeps_float_the_gemm_whose_outputs_int8_would_wreck(tmp_path: Path) -> None:
+    from edgeprune.passes.precision.sensitivity import relative_deviation
+
+    model = onnx.load(str(outlier_model(tmp_path / "o.onnx")))
+    x = outlier_feeds()
+    config = int8.Int8Config(dynamic=True, sensitivity=0.05)
+    quantized, kept = int8.quantize_int8(model, config, x)
+    sensitive = [k for k in kept if k.reason.startswith(int8.SENSITIVE_REASON)]
+    assert [k.name for k in sensitive] == ["fine"], kept
+    assert "of its range (> 0.05)" in sensitive[0].reason
+    ops = {n.name: n.op_type for n in quantized.graph.node}
+    assert ops["fine"] == "MatMul" and "coarse" not in ops            # coarse became int8, fine stayed float
+    all_int8, _ = int8.quantize_int8(model, int8.Int8Config(dynamic=True), x)
+    ref = [run(model, f) for f in x]
+    worst_all = relative_deviation([run(all_int8, f) for f in x], ref)
+    worst_kept = relative_deviation([run(quantized, f) for f in x], ref)
+    assert worst_all > 0.05 > worst_kept, (worst_all, worst_kept)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--int8-sensitivity", "0.05"], "--int8-sensitivity measures on real inputs"),
+    (["--int8-sensitivity", "1.5", "--calib", "{calib}"], "not in (0, 1)"),
+    (["--calib", "{calib}"], "has no effect"),                           # dynamic without probes reads no inputs
+])
+def test_sensitivity_needs_inputs_and_a_fraction(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 extra: list[str], message: str) -> None:
+    src = tiny_export("torchscript")
+    calib = calib_npz(src, tmp_path / "c.npz", samples=1)
+    out = tmp_path / "q.onnx"
+    code = main(["rewrite", str(src), "-o", str(out), "--precision", "int8-dynamic",
+                 *[e.format(calib=calib) for e in extra]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cli_sensitivity_on_a_decoder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = tiny_export("torchscript")
+    calib = calib_npz(src, tmp_path / "c.npz", samples=2)
+    with caplog.at_level(logging.INFO, logger="edgeprune.passes"):
+        assert main(["rewrite", str(src), "-o", str(tmp_path / "s.onnx"), "--precision", "int8-dynamic",
+                     "--int8-sensitivity", "0.001", "--calib", str(calib), "--no-verify"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("int8 sensitivity: quantizing") for m in messages)
+    summary = next(m for m in messages if m.startswith("int8 (dynamic"))
+    assert "kept float" in summary and "sensitive GEMM" in summary      # at 0.1 % of the range some GEMM is

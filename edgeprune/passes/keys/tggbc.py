@@ -227,11 +227,9 @@ def _fused_mask_bias(ed: GraphEditor, fused: Any, mask: MaskInput, batch: int) -
 def _query_selection(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan) -> tuple[Any, Any | None]:
     """The queries that score the keys: (weights [B, q], their rows into Nq [B, q] or None for all).
 
-    Weights are the class confidence ``c`` (ones for the no-class-score ablation); with
-    ``k > 0`` only the top-k queries by ``c`` take part, and their rows are returned so that
-    the caller reads those rows of the attention and nothing else. ``k >= Nq`` selects every
-    query, and the sum over queries does not depend on their order, so it is scored as k = 0:
-    no TopK, and no copy of all h*Nq attention rows (6 ms per run on the StreamPETR-R50 decoder).
+    Weights are the class confidence ``c`` (ones for the no-class-score ablation); with ``k > 0`` only
+    the top-k queries by ``c`` take part, their rows returned so the caller reads only those rows of the
+    attention. ``k >= Nq`` (every query: the same sum) is scored as k = 0, without copying all h*Nq rows.
     """
     cfg, b, nq = plan.config, plan.batch, plan.num_queries
     k = cfg.k if cfg.k < nq else 0

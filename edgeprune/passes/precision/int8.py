@@ -15,7 +15,10 @@ What this module adds:
    what the attention reads; ORT has no int8 Softmax on the input side of an int8 MatMul),
    and the data-dependent index ops TopK / Gather / GatherElements / ScatterElements /
    ArgMax (integer indices, nothing to quantize, and a quantized data input only adds a
-   Q/DQ pair). ``-v`` lists them; the summary line counts them by reason.
+   Q/DQ pair). With ``--int8-sensitivity TOL`` also every weight GEMM that, quantized alone,
+   moves an output by more than TOL of its range on the calibration inputs
+   (:mod:`edgeprune.passes.precision.sensitivity`; on the trained demo one key projection
+   alone costs 5 mAP points). ``-v`` lists them; the summary line counts them by reason.
 2. The signedness and range that fit the target's kernels (:data:`DEFAULT_CONFIG`):
    activations uint8, weights int8 (U8S8), per-channel weights, symmetric int8 weights
    with ``reduce_range`` (7-bit weights). ONNX Runtime's quantization guide
@@ -95,6 +98,7 @@ FLOAT_OUTPUT_OPS: tuple[str, ...] = ("MatMul", "Gemm")
 # MatMulIntegerToFloat/QLinearMatMul plus 337 ms to quantize their inputs (the 8 x 900 x Nk
 # attention probabilities): slower, and they moved the outputs 3x more than the projections.
 ATTENTION_REASON = "attention product (activation x activation): int8 was slower on ORT CPU and less exact"
+SENSITIVE_REASON = "sensitive"          # --int8-sensitivity (edgeprune.passes.precision.sensitivity)
 # Stated max deviation from the fp32 model, relative to each output's range (max - min), of
 # int8 PETR-family decoders on ORT CPU (x86-64, aarch64): see the tests and benchmarks.
 INT8_REL_TOLERANCE = 0.10
@@ -112,13 +116,15 @@ class Int8Config:
     activation_signed: bool = False       # False: uint8 activations (U8S8)
     op_types: tuple[str, ...] = INT8_OPS
     attention: bool = False               # also quantize activation x activation MatMuls
+    sensitivity: float | None = None      # keep float the GEMMs that alone move an output by more (of its range)
 
     def describe(self) -> str:
         kind = "dynamic" if self.dynamic else f"static {self.quant_format.upper()}, {self.calibration} calibration"
         sign = "S8S8" if self.activation_signed and not self.dynamic else "U8S8"
         return (f"{kind}, {sign}, {'per-channel' if self.per_channel else 'per-tensor'} weights"
                 f"{', reduce-range' if self.reduce_range else ''}, ops {'/'.join(self.op_types)}"
-                f"{' incl. attention' if self.attention else ''}")
+                f"{' incl. attention' if self.attention else ''}"
+                f"{f', GEMMs moving an output > {self.sensitivity:g} of its range kept float' if self.sensitivity else ''}")
 
 
 DEFAULT_CONFIG = Int8Config()
@@ -150,6 +156,20 @@ def float_nodes(graph: Any, attention: bool = False) -> tuple[FloatNode, ...]:
         elif not attention and node.op_type == "MatMul" and not constants.intersection(node.input):
             out.append(FloatNode(node.name, node.op_type, ATTENTION_REASON))
     return tuple(out)
+
+
+def _sensitive_nodes(pre: Path, config: Int8Config, kept: Sequence[FloatNode],
+                     feeds: Sequence[Mapping[str, Any]] | None) -> tuple[FloatNode, ...]:
+    """The GEMMs that, quantized alone, move an output by more than ``config.sensitivity`` of its range."""
+    from edgeprune.passes.precision.sensitivity import probe
+
+    if not feeds:
+        raise ParameterError("--int8-sensitivity measures on real inputs: give --calib X.npz (decoder inputs) or "
+                             "--data DIR (a dataset, whole-model exports)")
+    tol = float(config.sensitivity or 0.0)
+    found = [s for s in probe(pre, config, [k.name for k in kept], feeds, _quiet_quantize) if s.deviation > tol]
+    return tuple(FloatNode(s.name, s.op_type, f"{SENSITIVE_REASON}: quantized alone it moved an output by "
+                                              f"{s.deviation:.1%} of its range (> {tol:g})") for s in found)
 
 
 def is_quantized(model: Any) -> bool:
@@ -190,8 +210,9 @@ def quantize_int8(model: Any, config: Int8Config = DEFAULT_CONFIG,
         name_nodes(prepared, prefix="int8/unnamed")        # the quantizer excludes nodes by name
         kept = float_nodes(prepared.graph, attention=config.attention)
         save_onnx(prepared, pre)
-        with _quantizer_logs_to_debug():
-            _quantize(pre, out, config, [k.name for k in kept], feeds)
+        if config.sensitivity is not None:
+            kept += _sensitive_nodes(pre, config, kept, feeds)
+        _quiet_quantize(pre, out, config, [k.name for k in kept], feeds)
         quantized = load_model(out)
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
@@ -243,6 +264,12 @@ def _quantize(src: Path, dst: Path, config: Int8Config, exclude: list[str],
                                  extra_options=_static_options(config), **common)
 
 
+def _quiet_quantize(src: Path, dst: Path, config: Int8Config, exclude: list[str],
+                    feeds: Sequence[Mapping[str, Any]] | None) -> None:
+    with _quantizer_logs_to_debug():
+        _quantize(src, dst, config, exclude, feeds)
+
+
 def _static_options(config: Int8Config) -> dict[str, Any]:
     """QDQ: MatMul/Gemm outputs stay float (see :data:`FLOAT_OUTPUT_OPS`)."""
     if config.quant_format != "qdq":
@@ -258,7 +285,8 @@ def summary(kept: Iterable[FloatNode], config: Int8Config, model: Any, samples: 
     parts: dict[str, int] = {}
     for k in kept:
         label = next((p.rstrip("/") for p in FLOAT_PREFIXES if k.name.startswith(p)),
-                     "attention MatMul" if k.reason == ATTENTION_REASON else k.op_type)
+                     "attention MatMul" if k.reason == ATTENTION_REASON else
+                     "sensitive GEMM" if k.reason.startswith(SENSITIVE_REASON) else k.op_type)
         parts[label] = parts.get(label, 0) + 1
     calib = "" if config.dynamic else f" on {samples} calibration run(s)"
     return (f"int8 ({config.describe()}){calib}: {quantized} activation quantizers; {len(kept)} nodes kept float "
@@ -329,18 +357,27 @@ class Int8Pass(BasePass):
                                 "safe to drop for ARM dot-product / VNNI boards)")
         group.add_argument("--signed-activations", action="store_true",
                            help="static int8: int8 activations (S8S8) instead of uint8 (U8S8)")
+        group.add_argument("--int8-sensitivity", type=float, default=None, metavar="TOL",
+                           help="int8: first quantize each weight GEMM alone on the --calib/--data inputs and keep "
+                                "float those that move an output by more than TOL of its range (e.g. 0.05; costs "
+                                "one quantization and a few runs per GEMM; also for int8-dynamic)")
         group.add_argument("--int8-attention", action="store_true",
                            help="int8: also quantize the attention products q k^T and p v (default float: on ORT "
                                 "CPU x86 they were slower in int8)")
 
     @classmethod
     def config_from_args(cls, args: Any, dynamic: bool) -> Int8Config:
+        tol = getattr(args, "int8_sensitivity", None)
+        if tol is not None and not 0.0 < tol < 1.0:
+            raise ParameterError(f"--int8-sensitivity {tol:g} is not in (0, 1); give a fraction of the output "
+                                 "range, e.g. 0.05")
         return Int8Config(dynamic=dynamic, quant_format=getattr(args, "quant_format", "qdq"),
                           calibration=getattr(args, "calibration", "minmax"),
                           per_channel=not getattr(args, "per_tensor", False),
                           reduce_range=not getattr(args, "full_range", False),
                           activation_signed=getattr(args, "signed_activations", False),
-                          attention=getattr(args, "int8_attention", False))
+                          attention=getattr(args, "int8_attention", False),
+                          sensitivity=getattr(args, "int8_sensitivity", None))
 
     @classmethod
     def from_args(cls, args: Any) -> Int8Pass:
@@ -354,8 +391,9 @@ class Int8Pass(BasePass):
 
     def apply(self, working: Any, structure: Any) -> None:
         model = working.proto()
+        measured = not self.config.dynamic or self.config.sensitivity is not None
         feeds = self.feeds if self.feeds is not None else (
-            None if self.config.dynamic else calibration_feeds(model, self.calib, self.data))
+            calibration_feeds(model, self.calib, self.data) if measured else None)
         quantized, kept = quantize_int8(model, self.config, feeds)
         working.replace(quantized)
         log.info("%s", summary(kept, self.config, quantized, len(feeds or ())))
@@ -373,8 +411,9 @@ class Int8DynamicPass(Int8Pass):
     needs_calibration = False
     help = "int8 MatMul/Gemm weights, activations quantized at run time (no calibration); same float nodes as int8"
 
-    def __init__(self, config: Int8Config = replace(DEFAULT_CONFIG, dynamic=True)) -> None:
-        super().__init__(config)
+    def __init__(self, config: Int8Config = replace(DEFAULT_CONFIG, dynamic=True), calib: str | None = None,
+                 data: str | None = None) -> None:
+        super().__init__(config, calib=calib, data=data)
 
     @classmethod
     def add_arguments(cls, group: Any) -> None:
@@ -382,4 +421,10 @@ class Int8DynamicPass(Int8Pass):
 
     @classmethod
     def from_args(cls, args: Any) -> Int8DynamicPass:
-        return cls(cls.config_from_args(args, dynamic=True))
+        """--calib/--data only feed --int8-sensitivity's probes here (the rewrite refuses them otherwise)."""
+        config = cls.config_from_args(args, dynamic=True)
+        calib, data = getattr(args, "calib", None), getattr(args, "data", None)
+        if config.sensitivity is not None and (calib is None) == (data is None):
+            raise ParameterError("--int8-sensitivity measures on real inputs: give exactly one of --calib X.npz "
+                                 "(decoder inputs) or --data DIR (a dataset, whole-model exports)")
+        return cls(config, calib=calib, data=data)
