@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import _common as c            # puts the checkout on sys.path
 from edgeprune.cli.args import add_key_count_arguments  # noqa: E402
@@ -32,11 +32,14 @@ VARIANTS = ("int8", "int8-dynamic")
 DEFAULT_SETTING = (2000, 1, 900)        # r, n, k; other settings get their own result files
 # Op types of ORT's optimised CPU graphs, grouped for "where the time goes". Weight GEMMs are what
 # int8 speeds up (with their quantize/dequantize work); the attention products (q k^T, p v: two
-# activations, kept float by the pass) and Softmax are not; everything else is "other".
+# activations, kept float by the pass) and Softmax are not; everything else is "other". A MatMul
+# (or the FusedMatMul ORT makes of it, named "<node>/MatMulScaleFusion/") is a weight GEMM when
+# its B input is a constant in the model file: bias-free projections stay MatMul in fp32.
 WEIGHT_GEMMS = frozenset({"Gemm", "FusedGemm", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                           "MatMulInteger", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear",
                           "DynamicQuantizeLinear"})
-ATTENTION = frozenset({"MatMul", "FusedMatMul", "Softmax"})
+MATMULS = frozenset({"MatMul", "FusedMatMul"})
+ATTENTION = MATMULS | {"Softmax"}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -89,7 +92,7 @@ def build(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     for name, precision in (("int8", Int8Pass(calib=str(calib))), ("int8-dynamic", Int8DynamicPass())):
         paths[name] = work / f"tggbc-{name}.onnx"
         seconds[name] = c.timed_rewrite(base, paths[name], [tggbc], precision=precision)
-    return {"paths": paths, "seconds": seconds}
+    return {"paths": paths, "seconds": seconds, "weights": {p.stem: weight_matmuls(p) for p in paths.values()}}
 
 
 def fidelity(paths: Dict[str, Path], seeds: int) -> Dict[str, Dict[str, float]]:
@@ -127,12 +130,23 @@ def _run(path: Path, x: Dict[str, Any], extra: List[str], session: Any) -> Dict[
     return dict(zip(names, sess.run(names, x)))
 
 
-def time_split(summary: Any) -> Dict[str, float]:
-    """Kernel ms per run of one profiled model: weight GEMMs, attention products + Softmax, other."""
+def weight_matmuls(path: Path) -> frozenset:
+    """Names of the model's MatMul nodes whose B input (the weight) is a constant."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return frozenset(n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants)
+
+
+def time_split(rows: Sequence[Mapping[str, Any]], weights: frozenset) -> Dict[str, float]:
+    """Kernel ms per run of one profiled model (per-node rows): weight GEMMs, attention + Softmax, other."""
     split = {"weight GEMMs": 0.0, "attention + Softmax": 0.0, "other": 0.0}
-    for row in summary.by_op_type:
-        group = "weight GEMMs" if row.key in WEIGHT_GEMMS else "attention + Softmax" if row.key in ATTENTION else "other"
-        split[group] += row.total_us / 1000.0
+    for row in rows:
+        op, node = row["op_type"], str(row["node"])
+        weight = op in WEIGHT_GEMMS or (op in MATMULS and node.split("/MatMulScaleFusion")[0] in weights)
+        group = "weight GEMMs" if weight else "attention + Softmax" if op in ATTENTION else "other"
+        split[group] += float(row["dur_us"]) / 1000.0
     return split
 
 
@@ -141,14 +155,16 @@ def amdahl(fp32: Dict[str, float], int8: Dict[str, float]) -> Dict[str, float]:
     decoder's speedup if they cost nothing at all (Amdahl's bound: the rest stays float)."""
     total = sum(fp32.values())
     gemm = fp32["weight GEMMs"]
-    return {"gemm_speedup": gemm / int8["weight GEMMs"] if int8["weight GEMMs"] else float("inf"),
-            "bound_free_gemms": total / (total - gemm),
+    return {"gemm_speedup": gemm / int8["weight GEMMs"] if int8["weight GEMMs"] else float("nan"),
+            "bound_free_gemms": total / (total - gemm) if total > gemm else float("nan"),
             "float_share": fp32["attention + Softmax"] / total}
 
 
-def profile_lines(report: Any, labels: Dict[str, str]) -> Tuple[List[str], Dict[str, Any]]:
+def profile_lines(report: Any, labels: Dict[str, str],
+                  weights: Mapping[str, frozenset]) -> Tuple[List[str], Dict[str, Any]]:
     """Markdown table of the time split per model, and the bound against the fp32 model."""
-    splits = {m.name: time_split(m.profile_summary) for m in report.models if m.profile_summary is not None}
+    splits = {m.name: time_split(m.profile, weights[m.name])
+              for m in report.models if m.profile is not None and m.name in weights}
     if "tggbc-fp32" not in splits:
         return [], {}
     groups = list(splits["tggbc-fp32"])
@@ -160,7 +176,7 @@ def profile_lines(report: Any, labels: Dict[str, str]) -> Tuple[List[str], Dict[
     for n, b in bounds.items():
         lines.append(f"- {labels.get(n, n)}: weight GEMMs {b['gemm_speedup']:.2f}x faster than fp32's; "
                      f"attention + Softmax are {b['float_share']:.0%} of the fp32 decoder and stay float, so "
-                     f"even free weight GEMMs give at most {b['bound_free_gemms']:.2f}x (Amdahl).")
+                     f"even free weight GEMMs (the rest unchanged) give at most {b['bound_free_gemms']:.2f}x (Amdahl).")
     return lines, {"splits_ms": splits, "bounds": bounds}
 
 
@@ -203,13 +219,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels = {"tggbc-fp32": "tgGBC fp32", "tggbc-int8": "tgGBC int8 (static QDQ)",
               "tggbc-int8-dynamic": "tgGBC int8-dynamic"}
     rows = c.rows(report, labels, {"tggbc-int8": "tggbc-fp32", "tggbc-int8-dynamic": "tggbc-fp32"})
-    profile, split = profile_lines(report, labels)
+    profile, split = profile_lines(report, labels, built["weights"])
     text = markdown(args, facts, rows, built, fid, c.drift_warnings(report), profile)
     result = {"benchmark": "int8_decoder", "args": vars(args), "machine": facts, "seconds": built["seconds"],
               "fidelity": fid, "speedups": [asdict(r.speedup) for r in rows if r.speedup is not None],
               "time_split": split,
               "report": without_node_rows(report.to_dict())}
     setting = "" if (args.r, args.n, args.k) == DEFAULT_SETTING else f"-r{args.r}-n{args.n}-k{args.k}"
+    setting += f"-{args.layers}layers" if args.layers and not args.quick else ""
     c.write_results(args.out / f"int8_decoder-{args.preset}{setting}{'-quick' if args.quick else ''}", result, text)
     print(text)
     return 0

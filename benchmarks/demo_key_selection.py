@@ -105,15 +105,13 @@ class OracleKeys(RandomKeys):
                           gather_keys(keys.mask, keep), gather_keys(keys.size, keep), keep=keep)
 
 
-def kept_original(keeps: Sequence) -> "np.ndarray":
+def kept_original(keeps: Sequence, num_keys: int) -> "np.ndarray":
     """Chain per-layer keep indices (each into the previous layer's keys) to original token indices."""
     import numpy as np
-    index: Optional[np.ndarray] = None
+    index = np.arange(num_keys)
     for keep in keeps:
-        if keep is None:
-            continue
-        k = keep[0].numpy()
-        index = k if index is None else index[k]
+        if keep is not None:
+            index = index[keep[0].numpy()]
     return index
 
 
@@ -208,7 +206,7 @@ class Collector:
         for name, make in self.methods.items():
             for r in self.r_values:
                 pruned = model.head(memory, key_pos, pruning=make(r, covered))
-                kept = kept_original(pruned.keep_indices)
+                kept = kept_original(pruned.keep_indices, len(covered))
                 self.kept.setdefault(name, {}).setdefault(r, []).append(survival(kept, covered, footprints))
                 self.detections(pruned, f"{name}, r={r}", gt, data)
 

@@ -87,6 +87,7 @@ def test_key_selection_report_on_the_shipped_weights(tmp_path: Path, monkeypatch
     import sys
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "demo_key_selection", raising=False)
     import demo_key_selection
 
     scenes = tmp_path / "scenes"
@@ -101,21 +102,18 @@ def test_key_selection_report_on_the_shipped_weights(tmp_path: Path, monkeypatch
     assert result["kept"]["tgGBC"]["528"]["object_tokens"] > result["kept"]["random s0"]["528"]["object_tokens"]
     assert all(0 < d["mAP"] <= 1 for d in result["detections"].values())
     assert "## What survives the pruning" in out.read_text()
-    del sys.modules["demo_key_selection"]
 
 
-def test_auc_and_kept_index_chaining() -> None:
+def test_auc_and_kept_index_chaining(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import demo_key_selection as ks
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "demo_key_selection", raising=False)
+    import demo_key_selection as ks
     labels = np.array([True, False, True, False])
     assert ks.auc(np.array([0.9, 0.1, 0.8, 0.2]), labels) == 1.0
     assert ks.auc(np.array([0.1, 0.9, 0.2, 0.8]), labels) == 0.0
     assert ks.auc(np.ones(4), labels) == 0.5
     first, second = torch.tensor([[3, 0, 2]]), torch.tensor([[2, 0]])   # layer 1 keeps keys 2 and 0 of layer 0's kept
-    assert ks.kept_original([first, None, second]).tolist() == [2, 3]
-    del sys.modules["demo_key_selection"]
+    assert ks.kept_original([first, None, second], 4).tolist() == [2, 3]
+    assert ks.kept_original([None, None], 3).tolist() == [0, 1, 2]            # nothing pruned: every key kept

@@ -223,3 +223,48 @@ def test_cli_sensitivity_on_a_decoder(tmp_path: Path, caplog: pytest.LogCaptureF
     assert any(m.startswith("int8 sensitivity: quantizing") for m in messages)
     summary = next(m for m in messages if m.startswith("int8 (dynamic"))
     assert "kept float" in summary and "sensitive GEMM" in summary      # at 0.1 % of the range some GEMM is
+
+
+def test_each_probe_quantizes_its_node_alone_even_with_int8_attention(tmp_path: Path) -> None:
+    """With --int8-attention the final run quantizes activation x activation MatMuls too; a probe
+    must still exclude them, or every node's deviation would include theirs."""
+    from onnx import helper
+
+    from edgeprune.passes.precision.sensitivity import probe
+
+    model = onnx.load(str(outlier_model(tmp_path / "o.onnx")))
+    model.graph.node.append(helper.make_node("Transpose", ["y_fine"], ["y_t"], name="t"))
+    model.graph.node.append(helper.make_node("MatMul", ["y_coarse", "y_t"], ["gram"], name="gram"))
+    model.graph.output.append(helper.make_empty_tensor_value_info("gram"))
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    seen: list[list[str]] = []
+
+    def spy(src: Path, dst: Path, config: int8.Int8Config, exclude: list[str], feeds: object) -> None:
+        seen.append(sorted(exclude))
+        int8._quantize(src, dst, config, exclude, feeds)
+
+    config = int8.Int8Config(dynamic=True, attention=True, sensitivity=0.05)
+    found = probe(tmp_path / "g.onnx", config, [], outlier_feeds(), spy)
+    assert sorted(s.name for s in found) == ["coarse", "fine"]              # weight GEMMs only: "gram" is not one
+    assert seen == [["coarse", "gram"], ["fine", "gram"]]
+    assert max(found, key=lambda s: s.deviation).name == "fine"
+
+
+def test_static_int8_with_sensitivity_keeps_the_same_node_float(tmp_path: Path) -> None:
+    model = onnx.load(str(outlier_model(tmp_path / "o.onnx")))
+    config = int8.Int8Config(sensitivity=0.05)
+    quantized, kept = int8.quantize_int8(model, config, outlier_feeds(4))
+    assert [k.name for k in kept if k.reason.startswith(int8.SENSITIVE_REASON)] == ["fine"]
+    assert {n.name: n.op_type for n in quantized.graph.node}["fine"] == "MatMul"
+
+
+def test_sensitivity_out_of_range_and_without_int8_are_refused(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(int8.ParameterError, match="not in"):
+        int8.Int8Config(sensitivity=0.0)
+    src = tiny_export("torchscript")
+    out = tmp_path / "h.onnx"
+    code = main(["rewrite", str(src), "-o", str(out), "--precision", "fp16", "--int8-sensitivity", "0.05"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "has no effect with --precision fp16" in err and len(err.splitlines()) == 1
+    assert not out.exists()

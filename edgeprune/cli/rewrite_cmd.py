@@ -65,7 +65,11 @@ def _refuse_unused_calibration(args: argparse.Namespace) -> None:
 
     given = [flag for flag, value in (("--calib", args.calib), ("--data", args.data)) if value is not None]
     gpq_reads = args.method == "gpq" and getattr(args, "keep_queries", None) is not None and args.data is None
-    probes = args.precision == "int8-dynamic" and getattr(args, "int8_sensitivity", None) is not None
+    sensitivity = getattr(args, "int8_sensitivity", None) is not None
+    if sensitivity and args.precision not in ("int8", "int8-dynamic"):
+        raise ParameterError(f"--int8-sensitivity has no effect with --precision {args.precision}; it is for "
+                             "--precision int8 / int8-dynamic")
+    probes = args.precision == "int8-dynamic" and sensitivity
     if given and args.precision != "int8" and not gpq_reads and not probes:
         raise ParameterError(f"{' '.join(given)} has no effect here; calibration is for --precision int8 "
                              "(--calib X.npz or --data DIR), --precision int8-dynamic --int8-sensitivity TOL "

@@ -7,11 +7,11 @@ the pass inserts, all named ``tggbc/l{l}/...`` (the fp16 pass keeps that prefix 
     logits_l [B, Nq, C] -> ReduceMax(C) -> Sigmoid                          c [B, Nq]
       (logits not in the graph: the graph's class head copied onto layer l's output,
        tggbc/l{l}/class_head/..., see structure.ClassHead)
-      [-> TopK(k) -> GatherElements]                                         (k > 0: top queries, c [B, k])
+      [-> TopK(k) -> GatherElements]                                    (0 < k < Nq: top queries, c [B, k])
     probs_l  [B, h, Nq, Nk_l] | [B*h, Nq, Nk_l] | [B, Nq, Nk_l] (head mean)
       (fused attention: softmax(Q K^T * scale + mask) recomputed from Q, K, for the top-k Q rows)
     MatMul(c/h tiled per head [B, 1, h*q], rows [B, h*q, Nk_l])              S [B, Nk_l]
-      (k > 0: the top-k queries' h*k rows, gathered and contracted in cache-sized chunks,
+      (0 < k < Nq: the top-k queries' h*k rows, gathered and contracted in cache-sized chunks,
        tggbc/l{l}/rows/gather/, then summed)
     TopK(S, Nk_l - r_l, largest)                                             kept [B, Nk_{l+1}]
     kept indices chained across pruning layers (GatherElements)              into the original keys

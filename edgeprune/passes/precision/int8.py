@@ -33,9 +33,10 @@ What this module adds:
    the class logits by 22 % of their range; with reduce_range the whole decoder stays
    within 2.3 %. On an EPYC with AVX-512 VNNI the whole tgGBC decoder with full-range
    weights stays within 2.3 % (2.7 % with reduce_range): no saturation there, as the guide
-   says. The default stays reduce_range, the choice that is safe on every x86. U8 activations: ``quantize_dynamic`` only has U8, and QOperator S8S8 is
-   slow on x86 (the guide). reduce_range costs one bit of weight precision on ARM / VNNI;
-   ``--full-range`` turns it off for models that only run there.
+   says. The default stays reduce_range, the choice that is safe on every x86. U8
+   activations: ``quantize_dynamic`` only has U8, and QOperator S8S8 is slow on x86 (the
+   guide). reduce_range costs one bit of weight precision on ARM / VNNI; ``--full-range``
+   turns it off for models that only run there.
 3. Calibration (static only) on the model's own inputs: ``--calib X.npz`` (one array per
    model input, ``[B, ...]`` or ``[S, B, ...]``: what a decoder export takes) or
    ``--data DIR`` (a synthetic dataset: the scenes' normalised images, zeros for the
@@ -99,6 +100,8 @@ FLOAT_OUTPUT_OPS: tuple[str, ...] = ("MatMul", "Gemm")
 # attention probabilities): slower, and they moved the outputs 3x more than the projections.
 ATTENTION_REASON = "attention product (activation x activation): int8 was slower on ORT CPU and less exact"
 SENSITIVE_REASON = "sensitive"          # --int8-sensitivity (edgeprune.passes.precision.sensitivity)
+SENSITIVITY_NEEDS_INPUTS = ("--int8-sensitivity measures on real inputs: give exactly one of --calib X.npz "
+                            "(decoder inputs) or --data DIR (a dataset, whole-model exports)")
 # Stated max deviation from the fp32 model, relative to each output's range (max - min), of
 # int8 PETR-family decoders on ORT CPU (x86-64, aarch64): see the tests and benchmarks.
 INT8_REL_TOLERANCE = 0.10
@@ -116,7 +119,12 @@ class Int8Config:
     activation_signed: bool = False       # False: uint8 activations (U8S8)
     op_types: tuple[str, ...] = INT8_OPS
     attention: bool = False               # also quantize activation x activation MatMuls
-    sensitivity: float | None = None      # keep float the GEMMs that alone move an output by more (of its range)
+    sensitivity: float | None = None      # keep float GEMMs that alone move an output more (share of its range)
+
+    def __post_init__(self) -> None:
+        if self.sensitivity is not None and not 0.0 < self.sensitivity < 1.0:
+            raise ParameterError(f"--int8-sensitivity {self.sensitivity:g} is not in (0, 1); give a fraction of "
+                                 "the output range, e.g. 0.05")
 
     def describe(self) -> str:
         kind = "dynamic" if self.dynamic else f"static {self.quant_format.upper()}, {self.calibration} calibration"
@@ -124,7 +132,12 @@ class Int8Config:
         return (f"{kind}, {sign}, {'per-channel' if self.per_channel else 'per-tensor'} weights"
                 f"{', reduce-range' if self.reduce_range else ''}, ops {'/'.join(self.op_types)}"
                 f"{' incl. attention' if self.attention else ''}"
-                f"{f', GEMMs moving an output > {self.sensitivity:g} of its range kept float' if self.sensitivity else ''}")
+                f"{self._sensitivity_note()}")
+
+    def _sensitivity_note(self) -> str:
+        if self.sensitivity is None:
+            return ""
+        return f", GEMMs moving an output > {self.sensitivity:g} of its range kept float"
 
 
 DEFAULT_CONFIG = Int8Config()
@@ -164,9 +177,8 @@ def _sensitive_nodes(pre: Path, config: Int8Config, kept: Sequence[FloatNode],
     from edgeprune.passes.precision.sensitivity import probe
 
     if not feeds:
-        raise ParameterError("--int8-sensitivity measures on real inputs: give --calib X.npz (decoder inputs) or "
-                             "--data DIR (a dataset, whole-model exports)")
-    tol = float(config.sensitivity or 0.0)
+        raise ParameterError(SENSITIVITY_NEEDS_INPUTS)
+    tol = float(config.sensitivity)
     found = [s for s in probe(pre, config, [k.name for k in kept], feeds, _quiet_quantize) if s.deviation > tol]
     return tuple(FloatNode(s.name, s.op_type, f"{SENSITIVE_REASON}: quantized alone it moved an output by "
                                               f"{s.deviation:.1%} of its range (> {tol:g})") for s in found)
@@ -367,10 +379,6 @@ class Int8Pass(BasePass):
 
     @classmethod
     def config_from_args(cls, args: Any, dynamic: bool) -> Int8Config:
-        tol = getattr(args, "int8_sensitivity", None)
-        if tol is not None and not 0.0 < tol < 1.0:
-            raise ParameterError(f"--int8-sensitivity {tol:g} is not in (0, 1); give a fraction of the output "
-                                 "range, e.g. 0.05")
         return Int8Config(dynamic=dynamic, quant_format=getattr(args, "quant_format", "qdq"),
                           calibration=getattr(args, "calibration", "minmax"),
                           per_channel=not getattr(args, "per_tensor", False),
@@ -391,7 +399,8 @@ class Int8Pass(BasePass):
 
     def apply(self, working: Any, structure: Any) -> None:
         model = working.proto()
-        measured = not self.config.dynamic or self.config.sensitivity is not None
+        given = self.calib is not None or self.data is not None
+        measured = not self.config.dynamic or (self.config.sensitivity is not None and given)
         feeds = self.feeds if self.feeds is not None else (
             calibration_feeds(model, self.calib, self.data) if measured else None)
         quantized, kept = quantize_int8(model, self.config, feeds)
@@ -425,6 +434,5 @@ class Int8DynamicPass(Int8Pass):
         config = cls.config_from_args(args, dynamic=True)
         calib, data = getattr(args, "calib", None), getattr(args, "data", None)
         if config.sensitivity is not None and (calib is None) == (data is None):
-            raise ParameterError("--int8-sensitivity measures on real inputs: give exactly one of --calib X.npz "
-                                 "(decoder inputs) or --data DIR (a dataset, whole-model exports)")
+            raise ParameterError(SENSITIVITY_NEEDS_INPUTS)
         return cls(config, calib=calib, data=data)

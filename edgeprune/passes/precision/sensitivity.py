@@ -8,11 +8,13 @@ input, memory + key position, spans +-170, and layer 0's attention is the sharp 
 finds objects); the next worst moves them by 3 %, the median by 0.25 %. Keeping that one node
 float gives mAP 0.510. ``--int8-sensitivity TOL`` finds such nodes on the calibration inputs.
 
-How: for every candidate GEMM (quantizable, not already kept float), quantize it alone
-(dynamic, whatever the final mode: no recalibration per probe), run the probe inputs, and take
-the largest ``max |out - ref| / (max - min of ref)`` over the float outputs. Nodes above the
-tolerance stay float. Cost: one quantization and ``len(feeds)`` runs per candidate (about a
-minute and a half for the demo's 96 on 2 cores).
+How: for every candidate GEMM (a weight GEMM not already kept float), quantize it alone and
+everything else not at all, run the probe inputs, and take the largest
+``max |out - ref| / (max - min of ref)`` over the float outputs. Nodes above the tolerance stay
+float. Probes are always dynamic int8, whatever the final mode: one calibration per probe would
+cost as much as the whole static run, so for static int8 (calibrated ranges, QOperator's
+requantized outputs) the probe is an approximation. Cost: one quantization and up to
+``MAX_PROBE_FEEDS`` runs per candidate (45 s for the demo's 96 on 2 cores).
 """
 from __future__ import annotations
 
@@ -39,20 +41,24 @@ class Sensitivity:
 
 
 def candidates(graph: Any, op_types: Sequence[str], kept: set[str]) -> list[Any]:
-    """The GEMMs the quantizer would turn int8: ``op_types`` nodes with a constant (weight) input."""
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n for n in graph.node if n.op_type in op_types and n.name not in kept and constants.intersection(n.input)]
+    """The weight GEMMs: ``op_types`` nodes whose B input (the weight) is a constant."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n for n in graph.node
+            if n.op_type in op_types and n.name not in kept and len(n.input) > 1 and n.input[1] in constants]
 
 
 def relative_deviation(got: Sequence[Mapping[str, np.ndarray]], ref: Sequence[Mapping[str, np.ndarray]]) -> float:
-    """Largest ``max |got - ref| / (max - min of ref)`` over feeds and float outputs."""
+    """Largest ``max |got - ref| / (max - min of ref)`` over feeds and float outputs (finite values)."""
     worst = 0.0
     for g, r in zip(got, ref):
         for name, want in r.items():
-            if not np.issubdtype(want.dtype, np.floating) or want.size == 0:
+            finite = np.isfinite(want) if np.issubdtype(want.dtype, np.floating) else None
+            if finite is None or not finite.any():
                 continue
-            span = float(want.max() - want.min()) or 1.0
-            worst = max(worst, float(np.abs(g[name].astype(np.float64) - want).max()) / span)
+            span = float(want[finite].max() - want[finite].min()) or 1.0
+            diff = np.abs(g[name].astype(np.float64) - want)[finite]
+            worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()) / span)
     return worst
 
 
@@ -61,8 +67,9 @@ def probe(pre: Path, config: Any, kept: Sequence[str], feeds: Sequence[Mapping[s
     """Quantize every candidate of the pre-processed model ``pre`` alone; how far each moved the outputs.
 
     ``config`` is the run's ``Int8Config``; ``quantize`` the int8 module's quantizer call (src,
-    dst, config, exclude, feeds), so a probe quantizes as the real run does, dynamically. (Both
-    come from the caller: this module does not import the int8 module, which imports it.)
+    dst, config, exclude, feeds). Both come from the caller: this module does not import the
+    int8 module, which imports it. Every other ``op_types`` node is excluded from a probe (with
+    ``--int8-attention`` the attention products too), so a probe measures its node alone.
     """
     from edgeprune.graph.files import load_model
     from edgeprune.graph.run import cpu_session
@@ -72,7 +79,7 @@ def probe(pre: Path, config: Any, kept: Sequence[str], feeds: Sequence[Mapping[s
     inputs = list(feeds)[:MAX_PROBE_FEEDS]
     reference = _run(cpu_session(model, optimize=True), inputs)
     probe_config = replace(config, dynamic=True, sensitivity=None)
-    names = [n.name for n in todo]
+    names = [n.name for n in model.graph.node if n.op_type in config.op_types]
     out: list[Sensitivity] = []
     log.info("int8 sensitivity: quantizing %d weight GEMMs one at a time on %d input(s)", len(todo), len(inputs))
     with tempfile.TemporaryDirectory(prefix="edgeprune-int8-probe-") as tmp:
