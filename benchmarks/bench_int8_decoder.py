@@ -92,7 +92,8 @@ def build(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     for name, precision in (("int8", Int8Pass(calib=str(calib))), ("int8-dynamic", Int8DynamicPass())):
         paths[name] = work / f"tggbc-{name}.onnx"
         seconds[name] = c.timed_rewrite(base, paths[name], [tggbc], precision=precision)
-    return {"paths": paths, "seconds": seconds, "weights": {p.stem: weight_matmuls(p) for p in paths.values()}}
+    weights = {p.stem: weight_matmuls(p) for p in paths.values()} if args.profile else {}
+    return {"paths": paths, "seconds": seconds, "weights": weights}
 
 
 def fidelity(paths: Dict[str, Path], seeds: int) -> Dict[str, Dict[str, float]]:
@@ -131,12 +132,14 @@ def _run(path: Path, x: Dict[str, Any], extra: List[str], session: Any) -> Dict[
 
 
 def weight_matmuls(path: Path) -> frozenset:
-    """Names of the model's MatMul nodes whose B input (the weight) is a constant."""
+    """Names of the model's MatMul nodes whose B input (the weight) is a constant: the weight
+    GEMMs as the int8 sensitivity probe finds them."""
     import onnx
 
+    from edgeprune.passes.precision.sensitivity import candidates
+
     graph = onnx.load(str(path), load_external_data=False).graph
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return frozenset(n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants)
+    return frozenset(n.name for n in candidates(graph, ("MatMul",), set()))
 
 
 def time_split(rows: Sequence[Mapping[str, Any]], weights: frozenset) -> Dict[str, float]:

@@ -70,11 +70,9 @@ class RandomKeys:
 
     def reduce(self, keys, amount: int, layer, logits, probs):
         import torch
-        from edgeprune.methods.tggbc import gather_keys
+        from edgeprune.methods.tggbc import kept_keys
         nk = keys.memory.shape[1]
-        keep = torch.randperm(nk, generator=self.generator)[amount:].sort().values[None]
-        return type(keys)(gather_keys(keys.memory, keep), gather_keys(keys.key_pos, keep),
-                          gather_keys(keys.mask, keep), gather_keys(keys.size, keep), keep=keep)
+        return kept_keys(keys, torch.randperm(nk, generator=self.generator)[amount:].sort().values[None])
 
 
 @dataclass
@@ -95,14 +93,13 @@ class OracleKeys(RandomKeys):
 
     def reduce(self, keys, amount: int, layer, logits, probs):
         import torch
-        from edgeprune.methods.tggbc import gather_keys
+        from edgeprune.methods.tggbc import kept_keys
         jitter = torch.rand(len(self.index), generator=self.generator)
         objects = torch.from_numpy(self.covered[self.index]).float()
         score = jitter + (objects if self.objects_first else -objects)
         keep = score.argsort()[amount:].sort().values[None]
         self.index = self.index[keep[0].numpy()]
-        return type(keys)(gather_keys(keys.memory, keep), gather_keys(keys.key_pos, keep),
-                          gather_keys(keys.mask, keep), gather_keys(keys.size, keep), keep=keep)
+        return kept_keys(keys, keep)
 
 
 def kept_original(keeps: Sequence, num_keys: int) -> "np.ndarray":

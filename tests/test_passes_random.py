@@ -45,8 +45,7 @@ class FixedKeys:
     def reduce(self, keys: LayerKeys, amount: int, layer: Any, logits: Tensor, probs: Tensor) -> LayerKeys:
         keep = self.kept.pop(0).expand(keys.memory.shape[0], -1)                  # [B, Nk - amount]
         assert keep.shape[1] == keys.memory.shape[1] - amount
-        return LayerKeys(tggbc.gather_keys(keys.memory, keep), tggbc.gather_keys(keys.key_pos, keep),
-                         tggbc.gather_keys(keys.mask, keep), keep=keep)
+        return tggbc.kept_keys(keys, keep)
 
 
 def kept_subsets(path: Path, r: int, n: int, seed: int) -> list[np.ndarray]:

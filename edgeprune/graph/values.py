@@ -36,6 +36,13 @@ def constant_node_value(node: Any) -> np.ndarray | None:
     return None
 
 
+def constant_names(graph: Any) -> set[str]:
+    """Names of the tensors a graph holds as data: its initializers and ``Constant`` node outputs."""
+    names = {t.name for t in graph.initializer}
+    names.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
 def tensor_nbytes(tensor: Any) -> int:
     """Bytes of a TensorProto's data, from dims and element type (exact; external data too)."""
     onnx = _lazy.require("onnx")

@@ -60,8 +60,7 @@ class TgGBCConfig:
         """Keep the ``Nk - amount`` most important keys; gather memory, key_pos and mask."""
         keep = keep_indices(logits, probs, amount, self.k, use_class_score=self.use_class_score,
                             class_reduce=self.class_reduce)                   # [B, Nk - amount]
-        return type(keys)(gather_keys(keys.memory, keep), gather_keys(keys.key_pos, keep),
-                          gather_keys(keys.mask, keep), gather_keys(keys.size, keep), keep=keep)
+        return kept_keys(keys, keep)
 
 
 def check_pruning_layers(r: int, n: int, num_layers: int) -> None:
@@ -142,6 +141,13 @@ def keep_indices(logits: Tensor, attn: Tensor, num_drop: int, k: int = 0, *,
         attn = attn.mean(dim=1)                                           # [B, Nq, Nk]
     score = key_importance(logits, attn, k, use_class_score=use_class_score, class_reduce=class_reduce)
     return score.argsort(dim=1)[:, num_drop:]                             # [B, Nk - r]
+
+
+def kept_keys(keys: "LayerKeys", keep: Tensor) -> "LayerKeys":
+    """The keys at ``keep`` [B, K]: memory, key position, mask and merge sizes gathered alike, so
+    any key reduction that picks indices (tgGBC, a random or a fixed subset) hands on the same."""
+    return type(keys)(gather_keys(keys.memory, keep), gather_keys(keys.key_pos, keep),
+                      gather_keys(keys.mask, keep), gather_keys(keys.size, keep), keep=keep)
 
 
 def gather_keys(tensor: Tensor | None, indices: Tensor) -> Tensor | None:

@@ -80,7 +80,8 @@ def run_queries(head: PETRHead, memory: Tensor, key_pos: Tensor, ref: Tensor) ->
 
     The same computation as :meth:`PETRHead.forward` for learned queries, with other reference points.
     """
-    tgt, query_pos, ref_logit = head.query_start(ref.new_zeros(ref.shape[0], ref.shape[1], head.cfg.embed_dims), ref, memory)
+    content = ref.new_zeros(ref.shape[0], ref.shape[1], head.cfg.embed_dims)
+    tgt, query_pos, ref_logit = head.query_start(content, ref, memory)
     logits, boxes = [], []
     for layer, _ in zip(head.layers, range(head.cfg.num_layers)):
         tgt, _probs = layer(tgt, query_pos, memory, key_pos, None, None, None)

@@ -30,8 +30,8 @@ def reference_points(num: int, seed: int, pc_range: Sequence[float]) -> torch.Te
 
     Why this layout: a short run's decoder barely moves a box away from its reference point
     (the first trained demos: AP 0.00 at 0.5 m, translation error 1.1 m), so how close the
-    nearest query sits to an object bounds recall at the tight thresholds. A sunflower spiral (golden-angle steps) leaves no holes
-    and no clumps, unlike uniform random points. Its areal density falls as ``radius ** -0.5``:
+    nearest query sits to an object bounds recall at the tight thresholds. A sunflower spiral
+    (golden-angle steps) leaves no holes and no clumps, unlike uniform random points. Its areal density falls as ``radius ** -0.5``:
     objects are uniform in radius (density ``radius ** -1``), and for 2D nearest-point distances
     the best density is the square root of the objects' (``REFERENCE_DENSITY_POWER``). On the
     seed-9001 test split, 300 such points put a query within 2 m of 87% of the objects, where

@@ -65,6 +65,7 @@ from edgeprune.errors import InvalidModelError, ParameterError
 from edgeprune.graph.files import load_model, save_onnx
 from edgeprune.graph.index import name_nodes
 from edgeprune.graph.ops import QUANTIZED_OPS
+from edgeprune.graph.values import constant_names
 from edgeprune.passes.registry import BasePass
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def float_nodes(graph: Any, attention: bool = False) -> tuple[FloatNode, ...]:
     Without ``attention`` the activation x activation MatMuls (attention scores ``q k^T`` and
     the weighted values ``p v``) stay float too (:data:`ATTENTION_REASON`).
     """
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = constant_names(graph)
     out = []
     for node in graph.node:
         prefix = next((p for p in FLOAT_PREFIXES if node.name.startswith(p)), None)

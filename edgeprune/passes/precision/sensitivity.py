@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from edgeprune.graph.values import constant_names
+
 log = logging.getLogger(__name__)
 
 MAX_PROBE_FEEDS = 4            # probe inputs per candidate: the first few calibration feeds
@@ -42,8 +44,7 @@ class Sensitivity:
 
 def candidates(graph: Any, op_types: Sequence[str], kept: set[str]) -> list[Any]:
     """The weight GEMMs: ``op_types`` nodes whose B input (the weight) is a constant."""
-    constants = {t.name for t in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = constant_names(graph)
     return [n for n in graph.node
             if n.op_type in op_types and n.name not in kept and len(n.input) > 1 and n.input[1] in constants]
 
