@@ -13,6 +13,10 @@ against), on held-out scenes whose objects are known:
    score, and random subsets (several seeds) at the same schedule.
 3. **How the unpruned decoder attends**, per layer: the share of the top-k queries' attention on
    object tokens (against their share of the keys), and the normalised entropy of that attention.
+   **Where it looks instead**: the share on the few tokens that get the most attention over all
+   scenes (fixed tokens: attention sinks if the same ones lead in every scene, listed by camera,
+   row and column), and the share of each layer's unpruned attention that the keys a method keeps
+   hold (what the layers after the pruning point lose).
 4. **What the selection does to the detections**: mAP and AP per distance of the
    torch model (same decoding as ``edgeprune eval``), and the confident queries (best-class score
    >= 0.3) that are true (an object of that class within 2 m) or false positives.
@@ -34,6 +38,7 @@ TOP_K = 175
 PRUNING_LAYERS = 2
 CONFIDENT = 0.3              # best-class score of a query counted as a detection in part 4
 NEAR_M = 2.0                 # a confident query within this centre distance of a same-class object is true
+FIXED_TOKENS = 16            # part 3: the tokens with the most attention over all scenes, per layer
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -160,18 +165,31 @@ def confident_queries(logits, code, gt, pc_range) -> "tuple[int, int]":
     return int(near.sum()), int((~near).sum())
 
 
-def attention_stats(probs, logits, covered: "np.ndarray") -> Dict[str, float]:
-    """Top-k queries' head-averaged attention: share on object tokens, normalised entropy."""
-    import math
-
-    import torch
+def top_attention(probs, logits) -> "np.ndarray":
+    """Head-averaged attention rows ``[k, Nk]`` of the top-k queries by class confidence (tgGBC's k)."""
     from edgeprune.methods.tggbc import query_confidence
-    attn = probs.mean(dim=1)[0]                                            # [Nq, Nk]
     top = query_confidence(logits)[0].topk(TOP_K).indices
-    a = attn[top]                                                          # [k, Nk]
-    on_objects = float(a[:, torch.from_numpy(covered)].sum(1).mean())
-    entropy = float(-(a.clamp_min(1e-12).log() * a).sum(1).mean() / math.log(a.shape[1]))
-    return {"on_objects": on_objects, "entropy": entropy}
+    return probs.mean(dim=1)[0][top].numpy()
+
+
+def attention_stats(attn: "np.ndarray", covered: "np.ndarray") -> Dict[str, float]:
+    """Share of the rows' attention on object tokens, and its normalised entropy."""
+    import numpy as np
+    entropy = -(np.log(np.clip(attn, 1e-12, None)) * attn).sum(1).mean() / np.log(attn.shape[1])
+    return {"on_objects": float(attn[:, covered].sum(1).mean()), "entropy": float(entropy)}
+
+
+def fixed_tokens(mean_attention: "np.ndarray", grid: "tuple[int, int]") -> Dict[str, object]:
+    """``[scenes, Nk]`` mean attention per key -> the FIXED_TOKENS keys with the most over all scenes:
+    their share per scene, how many of them lead in each scene too, and where they are."""
+    import numpy as np
+    fixed = np.argsort(mean_attention.mean(0))[::-1][:FIXED_TOKENS]
+    per_scene = [set(np.argsort(m)[::-1][:FIXED_TOKENS].tolist()) for m in mean_attention]
+    cells = grid[0] * grid[1]
+    where = [(int(t) // cells, int(t) % cells // grid[1], int(t) % grid[1]) for t in sorted(fixed)]
+    return {"share": float(mean_attention[:, fixed].sum(1).mean()),
+            "overlap": float(np.mean([len(p & set(fixed.tolist())) / FIXED_TOKENS for p in per_scene])),
+            "camera_row_col": where}
 
 
 @dataclass
@@ -183,6 +201,8 @@ class Collector:
     kept: Dict[str, Dict[int, List[Survival]]] = field(default_factory=dict)
     aucs: Dict[str, List[float]] = field(default_factory=dict)
     layers: List[List[Dict[str, float]]] = field(default_factory=list)
+    mean_attention: List[List["np.ndarray"]] = field(default_factory=list)   # scene -> layer -> [Nk]
+    held: Dict[str, Dict[int, List[List[float]]]] = field(default_factory=dict)  # name -> r -> scene -> layer
     token_share: List[float] = field(default_factory=list)
     preds: Dict[str, list] = field(default_factory=dict)
     confident: Dict[str, List[tuple]] = field(default_factory=dict)
@@ -194,7 +214,9 @@ class Collector:
         self.token_share.append(float(covered.mean()))
         out = model.head(memory, key_pos)
         self.detections(out, "none", gt, data)
-        self.layers.append([attention_stats(p, lg, covered) for p, lg in zip(out.cross_attn_probs, out.layer_logits)])
+        attention = [top_attention(p, lg) for p, lg in zip(out.cross_attn_probs, out.layer_logits)]
+        self.layers.append([attention_stats(a, covered) for a in attention])
+        self.mean_attention.append([a.mean(0) for a in attention])
         for layer in range(PRUNING_LAYERS):                # importance over all keys, unpruned run
             attn = out.cross_attn_probs[layer].mean(dim=1)
             for name, use_class in (("S (tgGBC)", True), ("attention alone", False)):
@@ -205,6 +227,8 @@ class Collector:
                 pruned = model.head(memory, key_pos, pruning=make(r, covered))
                 kept = kept_original(pruned.keep_indices, len(covered))
                 self.kept.setdefault(name, {}).setdefault(r, []).append(survival(kept, covered, footprints))
+                self.held.setdefault(name, {}).setdefault(r, []).append([float(a[:, kept].sum(1).mean())
+                                                                         for a in attention])
                 self.detections(pruned, f"{name}, r={r}", gt, data)
 
     def detections(self, out, name: str, gt, data) -> None:
@@ -265,12 +289,13 @@ def run(args: argparse.Namespace) -> dict:
                 found.scene(model, memory, key_pos, gt, data.token_targets[i].labels.numpy() >= 0, footprints, data)
             print(f"\rscene {i + 1}/{len(data)}", end="", flush=True)
     print()
-    result = summarise(args, found, int(data.token_targets[0].labels.numel()))
+    grid = tuple(model.position_encoder.coords.shape[2:])               # feature rows, columns per camera
+    result = summarise(args, found, int(data.token_targets[0].labels.numel()), grid)
     result["detections"] = found.scored(data.classes)
     return result
 
 
-def summarise(args: argparse.Namespace, found: Collector, num_keys: int) -> dict:
+def summarise(args: argparse.Namespace, found: Collector, num_keys: int, grid: "tuple[int, int]") -> dict:
     import numpy as np
     kept, aucs, layers, token_share = found.kept, found.aucs, found.layers, found.token_share
     table = {name: {str(r): {f: float(np.mean([getattr(s, f) for s in rows]))
@@ -278,8 +303,13 @@ def summarise(args: argparse.Namespace, found: Collector, num_keys: int) -> dict
                     for r, rows in per_r.items()} for name, per_r in kept.items()}
     per_layer = [{k: float(np.mean([scene[layer][k] for scene in layers])) for k in layers[0][0]}
                  for layer in range(len(layers[0]))]
+    for layer, stats in enumerate(per_layer):
+        stats["fixed_tokens"] = fixed_tokens(np.stack([scene[layer] for scene in found.mean_attention]), grid)
+    held = {name: {str(r): np.mean(rows, axis=0).tolist() for r, rows in per_r.items()}
+            for name, per_r in found.held.items()}
     return {"scenes": len(layers), "keys": num_keys, "object_token_share": float(np.mean(token_share)),
             "auc": {k: float(np.nanmean(v)) for k, v in aucs.items()}, "kept": table, "layers": per_layer,
+            "attention_held": held, "grid": list(grid),
             "command": _common.command_line(), "code": _common.git_state()["head"]}
 
 
@@ -301,6 +331,7 @@ def report(result: dict) -> str:
     lines += ["", "## How the unpruned decoder attends (top-k queries, head-averaged)", "",
               "| layer | attention on object tokens | normalised entropy |", "|---|---|---|"]
     lines += [f"| {i} | {100 * s['on_objects']:.1f}% | {s['entropy']:.3f} |" for i, s in enumerate(result["layers"])]
+    lines += where_it_looks(result)
     dets = result["detections"]
     distances = list(next(iter(dets.values()))["ap_per_distance"])
     lines += ["", "## Detections (torch model, same decoding as edgeprune eval)", "",
@@ -312,6 +343,32 @@ def report(result: dict) -> str:
                      + " | ".join(f"{d['ap_per_distance'][x]:.3f}" for x in distances)
                      + f" | {d['confident_true']} | {d['confident_false']} |")
     return "\n".join(lines) + "\n"
+
+
+def where_it_looks(result: dict) -> List[str]:
+    """Report part 3b: fixed tokens per layer, and the share of each layer's attention the kept keys hold."""
+    import numpy as np
+    layers, held = result["layers"], result["attention_held"]
+    rows, cols = result["grid"]
+    lines = ["", f"## Where it looks instead: the {FIXED_TOKENS} tokens with the most attention over all scenes",
+             "", f"Tokens per camera: {rows} rows x {cols} columns (row 0 = top of the image).", "",
+             f"| layer | attention on those {FIXED_TOKENS} tokens | of them among a scene's own top {FIXED_TOKENS} "
+             "| where (camera, row, column) |", "|---|---|---|---|"]
+    for i, s in enumerate(layers):
+        f = s["fixed_tokens"]
+        where = " ".join(f"{c}:{r},{k}" for c, r, k in f["camera_row_col"])
+        lines.append(f"| {i} | {100 * f['share']:.1f}% | {100 * f['overlap']:.0f}% | {where} |")
+    for r in next(iter(held.values())):
+        lines += ["", f"### Share of each unpruned layer's attention (top-k queries) on the keys kept at r={r}", "",
+                  "| method | " + " | ".join(f"layer {i}" for i in range(len(layers))) + " |",
+                  "|---|" + "---|" * len(layers)]
+        randoms = [per_r[r] for name, per_r in held.items() if name.startswith("random")]
+        shown = {name: per_r[r] for name, per_r in held.items() if not name.startswith("random")}
+        if randoms:
+            shown[f"random ({len(randoms)} seeds, mean)"] = np.mean(randoms, axis=0).tolist()
+        lines += [f"| {name} | " + " | ".join(f"{100 * v:.1f}%" for v in values) + " |"
+                  for name, values in shown.items()]
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -102,6 +102,31 @@ def test_key_selection_report_on_the_shipped_weights(tmp_path: Path, monkeypatch
     assert result["kept"]["tgGBC"]["528"]["object_tokens"] > result["kept"]["random s0"]["528"]["object_tokens"]
     assert all(0 < d["mAP"] <= 1 for d in result["detections"].values())
     assert "## What survives the pruning" in out.read_text()
+    # the trained demo's later layers lean on a few fixed tokens (the same ones in most scenes)
+    late = result["layers"][-1]["fixed_tokens"]
+    assert late["share"] > 0.2 and late["overlap"] > 0.5
+    assert all(c < 6 and r < result["grid"][0] and k < result["grid"][1] for c, r, k in late["camera_row_col"])
+    # attention held by kept keys: every key kept holds all of it, tgGBC keeps layer 0's attention
+    held = result["attention_held"]
+    assert all(0 < v < 1 for per_r in held.values() for v in per_r["528"])
+    assert held["tgGBC"]["528"][0] > held["random s0"]["528"][0] + 0.1
+
+
+def test_fixed_tokens_finds_the_keys_every_scene_attends(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "demo_key_selection", raising=False)
+    import demo_key_selection as ks
+    monkeypatch.setattr(ks, "FIXED_TOKENS", 2)
+    rng = np.random.default_rng(0)
+    attention = rng.random((5, 2 * 3 * 4)) * 0.01
+    attention[:, [0, 13]] = 1.0                       # camera 0 (0, 0) and camera 1 (0, 1) in every scene
+    found = ks.fixed_tokens(attention / attention.sum(1, keepdims=True), (3, 4))
+    assert found["camera_row_col"] == [(0, 0, 0), (1, 0, 1)]
+    assert found["share"] > 0.9 and found["overlap"] == 1.0
+    attention[2:, [0, 13]] = 0.0                      # three scenes look elsewhere
+    assert ks.fixed_tokens(attention / attention.sum(1, keepdims=True), (3, 4))["overlap"] < 1.0
 
 
 def test_auc_and_kept_index_chaining(monkeypatch: pytest.MonkeyPatch) -> None:
