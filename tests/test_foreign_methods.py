@@ -11,6 +11,7 @@ projection is one Linear on one key input; masked keys are refused in one line.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,60 @@ def test_gpq_on_foreign_graph_equals_module_with_kept_queries(case: tuple, tmp_p
     assert got.shape == tuple(expected.shape)
     assert np.abs(got - expected.numpy()).max() < TOL
     assert float((expected - full[..., KEEP, :]).abs().max()) > 1e-3      # queries interact: not a mere slice
+
+
+def _simplified(name: str, exporter: str, tmp_path: Path) -> Path:
+    """The corpus export run through onnxsim, as users often do before handing a graph over."""
+    onnxsim = pytest.importorskip("onnxsim", reason="onnxsim is the simplify extra (pip install -e .[test])")
+    model, ok = onnxsim.simplify(onnx.load(str(fm.exported(name, exporter, 1, False))))
+    assert ok
+    path = tmp_path / f"{name}-{exporter}-sim.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+FOLDED_CASES = [("torch-bf", "torchscript"), ("torch-sf", "dynamo")]
+
+
+@pytest.mark.parametrize("case", [_param(c, FOLDED_CASES[:1]) for c in FOLDED_CASES])
+def test_gpq_refuses_a_folded_first_self_attention_that_mixes_queries(case: tuple, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """A learned content embedding makes layer 0's self-attention input-independent; onnxsim folds it
+    into one constant mixing all queries. Slicing it gives wrong logits (off by ~1.3 here), so GPQ
+    refuses in one line naming the fix, writes nothing, and the unsimplified export still works."""
+    from edgeprune.errors import InvalidModelError
+    from edgeprune.passes.queries.folded import attention_op_count
+    from test_io_policy import one_line, run_cli
+
+    name, exporter = case
+    simplified = _simplified(name, exporter, tmp_path)
+    assert attention_op_count(onnx.load(str(simplified))) == 2 * fm.model(name).sizes.layers - 1
+    out = tmp_path / "gpq.onnx"
+    with pytest.raises(InvalidModelError, match="folded") as err:
+        rewrite(simplified, out, [QueryPruningPass(keep_indices=KEEP)], verify=False)
+    assert "\n" not in str(err.value) and "do_constant_folding=False" in str(err.value)
+    assert not out.exists()
+    keep = tmp_path / "keep.json"
+    keep.write_text(json.dumps(KEEP))
+    code, _, stderr = run_cli(capsys, "rewrite", simplified, "-o", out, "--method", "gpq", "--keep-indices", keep)
+    assert code != 0 and "self-attention" in one_line(stderr) and not out.exists()
+
+
+@pytest.mark.slow
+def test_gpq_accepts_a_folded_self_attention_whose_rows_are_all_alike(tmp_path: Path) -> None:
+    """DETR's zero content: the folded first self-attention is the out-projection's bias in every
+    row, so slicing is exact; the guard lets it through and the result equals the module."""
+    _needs_transformers("detr")
+    module = fm.model("detr-eager")
+    inputs = module.example_inputs(1, False)
+    simplified = _simplified("detr-eager", "torchscript", tmp_path)
+    from edgeprune.passes.queries.folded import attention_op_count
+    assert attention_op_count(onnx.load(str(simplified))) < 2 * module.sizes.layers       # it was folded
+    out = tmp_path / "gpq.onnx"
+    rewrite(simplified, out, [QueryPruningPass(keep_indices=KEEP)], verify=False)
+    with torch.no_grad():
+        expected = fm.with_queries(module, KEEP)(**inputs)
+    assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
 
 
 @pytest.mark.slow

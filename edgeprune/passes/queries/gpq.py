@@ -93,7 +93,11 @@ class QueryPruningPass(BasePass):
         return model
 
     def apply(self, working: Any, structure: Any) -> None:
+        from edgeprune.passes.queries.folded import check_first_self_attention
+
         model = working.proto()
+        if structure is not None:
+            check_first_self_attention(model, structure)
         space = resolve_query_space(model, structure)
         kept = self.keep_indices
         if kept is None:
