@@ -436,6 +436,15 @@ def test_plan_follows_the_schedule() -> None:
     assert not tggbc_pass.plan_key_pruning(synthetic_structure(3), TgGBCConfig(r=0, n=2)).steps
 
 
+def test_tensorrt_limits_only_a_query_topk_that_is_built() -> None:
+    """k >= Nq scores with every query (no query TopK), so TensorRT's K limit does not apply to it."""
+    every = tggbc_pass.plan_key_pruning(synthetic_structure(2, 100, 5000), TgGBCConfig(r=10, k=5000), tensorrt=True)
+    assert every.top_queries == 0
+    assert tggbc_pass.plan_key_pruning(synthetic_structure(2, 100, 5000), TgGBCConfig(r=10, k=175)).top_queries == 175
+    with pytest.raises(ParameterError, match="exceeds TensorRT's TopK limit of 3840"):
+        tggbc_pass.plan_key_pruning(synthetic_structure(2, 100, 5000), TgGBCConfig(r=10, k=4000), tensorrt=True)
+
+
 @pytest.mark.parametrize("cfg,message", [
     (TgGBCConfig(r=100), "r=100 must be smaller than the number of keys \\(100\\)"),
     (TgGBCConfig(r=10, n=4), "n=4 exceeds the number of decoder layers \\(3\\)"),
@@ -555,6 +564,7 @@ def test_q_rows_are_picked_first_only_under_a_mask_known_to_be_per_key() -> None
     from types import SimpleNamespace
 
     import onnx_graphsurgeon as gs
+    from edgeprune.passes.keys.fused_probs import per_key_mask
 
     info = {"per_key": (onnx.TensorProto.BOOL, (2, 1, 1, 40)), "keys_only": (onnx.TensorProto.BOOL, (40,)),
             "per_query": (onnx.TensorProto.FLOAT, (7, 40))}
@@ -563,7 +573,7 @@ def test_q_rows_are_picked_first_only_under_a_mask_known_to_be_per_key() -> None
 
     def mask(name: str) -> MaskInput:
         return MaskInput(name, "attn", 3, 1, 0)
-    assert tggbc_pass._per_key_mask(ed, attention, mask("per_key"))
-    assert tggbc_pass._per_key_mask(ed, attention, mask("keys_only"))
-    assert not tggbc_pass._per_key_mask(ed, attention, mask("per_query"))
-    assert not tggbc_pass._per_key_mask(ed, attention, mask("unknown"))
+    assert per_key_mask(ed, attention, mask("per_key"))
+    assert per_key_mask(ed, attention, mask("keys_only"))
+    assert not per_key_mask(ed, attention, mask("per_query"))
+    assert not per_key_mask(ed, attention, mask("unknown"))

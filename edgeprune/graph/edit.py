@@ -89,6 +89,24 @@ class GraphEditor:
             return self.op(op, [x, self.ints("axes", axis)], what, keepdims=keepdims)
         return self.op(op, [x], what, axes=[axis], keepdims=keepdims)
 
+    def gather_per_batch(self, data: Any, idx: Any, batch: int, batch_axis: int | None, axis: int, rank: int,
+                         what: str) -> Any:
+        """``data`` [.., N, ..] -> [.., K, ..] along ``axis`` with ``idx`` [B, K], per batch element.
+
+        Batch 1: one ``Gather`` (the same rows for the only element). Otherwise ``GatherND`` with
+        ``batch_dims=1``, which wants the batch and the gathered axis first: a Transpose there and
+        back when they are not.
+        """
+        if batch == 1:
+            return self.op("Gather", [data, self.reshape(idx, "flat_idx", -1)], what, axis=axis)
+        perm = [batch_axis, axis] + [a for a in range(rank) if a not in (batch_axis, axis)]
+        moved = data if perm == list(range(rank)) else self.op("Transpose", [data], "batch_keys_first", perm=perm)
+        out = self.op("GatherND", [moved, self.op("Unsqueeze", [idx, self.ints("axes", -1)], "idx")], what,
+                      batch_dims=1)
+        if perm == list(range(rank)):
+            return out
+        return self.op("Transpose", [out], "restore_layout", perm=[perm.index(a) for a in range(rank)])
+
     def clone(self, names: Sequence[str], inputs: Mapping[str, Any], what: str) -> dict[str, Any]:
         """Copies of the input model's nodes ``names`` (graph order), named ``{scope}{what}/{name}``.
 

@@ -9,7 +9,7 @@ the pass inserts, all named ``tggbc/l{l}/...`` (the fp16 pass keeps that prefix 
        tggbc/l{l}/class_head/..., see structure.ClassHead)
       [-> TopK(k) -> GatherElements]                                    (0 < k < Nq: top queries, c [B, k])
     probs_l  [B, h, Nq, Nk_l] | [B*h, Nq, Nk_l] | [B, Nq, Nk_l] (head mean)
-      (fused attention: softmax(Q K^T * scale + mask) recomputed from Q, K, for the top-k Q rows)
+      (fused attention: softmax(Q K^T * scale + mask) recomputed from Q, K for the top-k Q rows: fused_probs)
     MatMul(c/h tiled per head [B, 1, h*q], rows [B, h*q, Nk_l])              S [B, Nk_l]
       (0 < k < Nq: the top-k queries' h*k rows, gathered and contracted in cache-sized chunks,
        tggbc/l{l}/rows/gather/, then summed)
@@ -23,9 +23,8 @@ kept keys only and their projections shrink. Where the gathered tensors go (rewi
 retargeted static shapes ``tggbc/l{l}/shape/``, per-stage copies of shared key-path nodes
 ``tggbc/l{l}/copy/``) is :mod:`edgeprune.passes.keys.feed`, shared with the ToMe pass.
 
-TensorRT documents TopK's K as at most 3840. With ``tensorrt=True`` a larger keep count is
-selected by peeling: TopK of 3840 keys, mask them out (ScatterElements -inf), repeat; the
-concatenated indices equal one big TopK exactly (same order, same tie rule).
+TensorRT's TopK takes K <= 3840: ``tensorrt=True`` selects more by peeling (TopK of 3840, mask them
+out with ScatterElements -inf, repeat), which equals one big TopK exactly (same order and ties).
 """
 from __future__ import annotations
 
@@ -38,11 +37,12 @@ import numpy as np
 from edgeprune import _lazy
 from edgeprune.errors import InvalidModelError, ParameterError, PatternNotFoundError
 from edgeprune.methods.tggbc import CLASS_REDUCTIONS, TgGBCConfig, schedule     # torch-free: config and schedule
-from edgeprune.graph.edit import BOOL, FLOAT, GraphEditor, WorkingModel, model_opset
+from edgeprune.graph.edit import GraphEditor, WorkingModel, model_opset
 from edgeprune.graph.shapes import tensor_info
 from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
                                       key_counts_from_args)
-from edgeprune.passes.discovery.structure import ClassHead, DecoderLayer, DecoderStructure, MaskInput
+from edgeprune.passes.discovery.structure import ClassHead, DecoderLayer, DecoderStructure
+from edgeprune.passes.keys.fused_probs import fused_probs
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ class KeyPruningPlan:
     keys_per_layer: tuple[int, ...]          # keys each layer attends to after pruning
     class_head: ClassHead | None = None      # recomputes the logits of layers whose logits are not in the graph
 
+    @property
+    def top_queries(self) -> int:
+        """Queries scoring the keys, 0 for all: k >= Nq gives k = 0's sum, built without a query TopK."""
+        return self.config.k if self.config.k < self.num_queries else 0
+
     def stage(self, layer: int) -> int:
         """How many pruning steps happen before ``layer`` (0: it sees all keys)."""
         return sum(1 for s in self.steps if s.layer < layer)
@@ -103,7 +108,7 @@ def plan_key_pruning(structure: DecoderStructure, config: TgGBCConfig, tensorrt:
     A schedule entry on the last layer prunes nothing that is read later, so it adds no step.
     """
     config.validate(structure.num_keys, structure.num_layers, structure.num_queries)
-    if tensorrt and config.k > TENSORRT_TOPK_LIMIT:
+    if tensorrt and TENSORRT_TOPK_LIMIT < config.k < structure.num_queries:     # k >= Nq builds no query TopK
         raise ParameterError(f"--tensorrt: k={config.k} top queries exceeds TensorRT's TopK limit of "
                              f"{TENSORRT_TOPK_LIMIT}; use k <= {TENSORRT_TOPK_LIMIT} or k=0 (all queries)")
     drops = schedule(config.r, config.n, structure.num_layers) if config.enabled else [0] * structure.num_layers
@@ -140,88 +145,12 @@ def _per_head_probs(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan, 
     """
     p, nq = layer.probs, plan.num_queries
     if p.layout == "fused":
-        probs, done = _fused_probs(ed, layer, plan, rows)
-        return ScoringRows(probs, p.num_heads, plan.config.k if done else nq, probs.name, None if done else rows)
+        probs, done = fused_probs(ed, layer, plan.batch, rows)
+        return ScoringRows(probs, p.num_heads, plan.top_queries if done else nq, probs.name, None if done else rows)
     layouts = {"BQK_mean": 1, "(BH)QK": p.num_heads, "BHQK": p.num_heads}
     if p.layout not in layouts:
         raise PatternNotFoundError(f"layer {layer.index}: unknown probabilities layout {p.layout!r}")
     return ScoringRows(ed.tensor(p.tensor), layouts[p.layout], nq, p.tensor, rows)    # b-major, as torch's MHA
-
-
-def _fused_probs(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan, rows: Any | None) -> tuple[Any, bool]:
-    """softmax(Q K^T * scale + mask) recomputed from a fused attention op's inputs, in fp32:
-    ([B, h, k, Nk] for the queries ``rows`` [B, k] when their Q rows could be picked first, True)
-    or ([B, h, Nq, Nk], False)."""
-    p, b, h = layer.probs, plan.batch, layer.probs.num_heads
-    if p.fused_qk is None:
-        raise PatternNotFoundError(f"layer {layer.index}: fused attention without its Q/K inputs; name the "
-                                   "probabilities with --override layer.N.probs=TENSOR")
-    fused = ed.node(layer.pv_node)
-    if fused.attrs.get("is_causal", 0) or fused.attrs.get("kv_num_heads", h) != h or fused.attrs.get("softcap", 0):
-        raise PatternNotFoundError(f"layer {layer.index}: the fused attention {fused.name} is causal, grouped-query "
-                                   "or soft-capped; tgGBC recomputes plain cross-attention only")
-    q, k = fused.inputs[0], fused.inputs[1]                                     # current (maybe gathered) K
-    q, k = ed.as_float(q, p.fused_qk[0]), ed.as_float(k, p.fused_qk[1])
-    rank = ed.rank(p.fused_qk[0])
-    width = ed.info[p.fused_qk[0]][1][-1]
-    if p.fused_bias is not None:
-        bias = ed.as_float(ed.tensor(p.fused_bias), p.fused_bias)
-        q = ed.op("Add", [q, ed.op("Slice", [bias, ed.ints("s", 0), ed.ints("e", width)], "q_bias")], "q")
-        k = ed.op("Add", [k, ed.op("Slice", [bias, ed.ints("s", width), ed.ints("e", 2 * width)], "k_bias")], "k")
-    q_rows_first = rows is not None and all(_per_key_mask(ed, fused, m) for m in layer.masks)
-    if q_rows_first:                                                            # Q [B, Nq, ..] -> [B, k, ..]
-        q = _gather_query_rows(ed, q, rows, plan, rank)
-    if rank == 3:                                                               # [B, S, h*d]
-        head_dim = width // h
-        q = ed.op("Transpose", [ed.reshape(q, "q_heads", b, -1, h, head_dim)], "q_t", perm=[0, 2, 1, 3])
-        kt = ed.op("Transpose", [ed.reshape(k, "k_heads", b, -1, h, head_dim)], "k_t", perm=[0, 2, 3, 1])
-    elif rank == 4:                                                             # [B, h, S, d]
-        head_dim = width
-        kt = ed.op("Transpose", [k], "k_t", perm=[0, 1, 3, 2])
-    else:
-        raise PatternNotFoundError(f"layer {layer.index}: fused attention Q has rank {rank}; expected 3 or 4")
-    scale = p.scale if p.scale is not None else 1.0 / float(np.sqrt(head_dim))
-    scores = ed.op("Mul", [ed.op("MatMul", [q, kt], "qk"), ed.const("scale", np.float32(scale))], "scores")
-    for mask in layer.masks:
-        scores = ed.op("Add", [scores, _fused_mask_bias(ed, fused, mask, b)], "masked")
-    return ed.op("Softmax", [scores], "probs", axis=-1), q_rows_first
-
-
-def _per_key_mask(ed: GraphEditor, fused: Any, mask: MaskInput) -> bool:
-    """Whether ``mask`` is the same for every query (so Q rows can be picked before Q K^T).
-
-    A mask of unknown shape may vary per query: then all rows are recomputed and picked after.
-    """
-    if fused.op == "MultiHeadAttention" and mask.input_index == 4:             # key_padding_mask [B, Nk]
-        return True
-    if mask.tensor not in ed.info:
-        return False
-    shape = ed.info[mask.tensor][1]
-    return len(shape) < 2 or shape[-2] == 1
-
-
-def _gather_query_rows(ed: GraphEditor, q: Any, rows: Any, plan: KeyPruningPlan, rank: int) -> Any:
-    """Q [B, Nq, h*d] (rank 3) or [B, h, Nq, d] (rank 4) -> the same with only the ``rows`` [B, k]."""
-    return _gather_per_batch(ed, q, rows, plan.batch, batch_axis=0, axis=1 if rank == 3 else 2, rank=rank,
-                            what="q_top")
-
-
-def _fused_mask_bias(ed: GraphEditor, fused: Any, mask: MaskInput, batch: int) -> Any:
-    """An additive bias from a fused op's mask input (as currently wired): broadcastable to scores."""
-    tensor = fused.inputs[mask.input_index]
-    elem = ed.info.get(mask.tensor, (FLOAT, ()))[0]
-    if fused.op == "MultiHeadAttention" and mask.input_index == 4:             # key_padding_mask [B, Nk], 1 = keep
-        if ed.rank(mask.tensor) != 2:
-            raise PatternNotFoundError(f"{fused.name}: key_padding_mask {mask.tensor} is not [B, Nk]; tgGBC reads "
-                                       "only that form of MultiHeadAttention's mask")
-        fill = float(fused.attrs.get("mask_filter_value", -10000.0))
-        blocked = ed.op("Equal", [tensor, ed.const("zero", np.zeros((), dtype=np.int32))], "blocked")
-        bias = ed.op("Where", [blocked, ed.const("fill", np.float32(fill)), ed.const("zero", np.float32(0))], "bias")
-        return ed.reshape(bias, "bias4", batch, 1, 1, -1)
-    if elem == BOOL:                                                           # ONNX Attention: True = attend
-        return ed.op("Where", [tensor, ed.const("zero", np.float32(0)), ed.const("ninf", np.float32(-np.inf))],
-                     "bias")
-    return ed.as_float(tensor, mask.tensor)
 
 
 def _query_selection(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan) -> tuple[Any, Any | None]:
@@ -229,10 +158,9 @@ def _query_selection(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan)
 
     Weights are the class confidence ``c`` (ones for the no-class-score ablation); with ``k > 0`` only
     the top-k queries by ``c`` take part, their rows returned so the caller reads only those rows of the
-    attention. ``k >= Nq`` (every query: the same sum) is scored as k = 0, without copying all h*Nq rows.
+    attention. ``k >= Nq`` is scored as k = 0 (``plan.top_queries``), without copying all h*Nq rows.
     """
-    cfg, b, nq = plan.config, plan.batch, plan.num_queries
-    k = cfg.k if cfg.k < nq else 0
+    cfg, b, nq, k = plan.config, plan.batch, plan.num_queries, plan.top_queries
     if not cfg.use_class_score and k <= 0:
         return ed.const("ones", np.ones((b, nq), dtype=np.float32)), None
     logits = ed.reshape(_layer_logits(ed, layer, plan.class_head), "logits", b, nq, -1)   # [B, Nq, C]
@@ -391,25 +319,7 @@ class _Gatherer:
         rank = ed.rank(data.name)
         if b > 1 and rank < 2:
             raise PatternNotFoundError(f"cannot gather {data.name}: its rank is unknown")
-        return _gather_per_batch(ed, data, rows, b, axes.batch_axis, axes.key_axis, rank, what="keys")
-
-
-def _gather_per_batch(ed: GraphEditor, data: Any, idx: Any, batch: int, batch_axis: int | None, axis: int,
-                     rank: int, what: str) -> Any:
-    """``data`` [.., N, ..] -> [.., K, ..] along ``axis`` with ``idx`` [B, K], per batch element.
-
-    Batch 1: one ``Gather`` (the same rows for the only element). Otherwise ``GatherND`` with
-    ``batch_dims=1``, which wants the batch and the gathered axis first: a Transpose there and
-    back when they are not.
-    """
-    if batch == 1:
-        return ed.op("Gather", [data, ed.reshape(idx, "flat_idx", -1)], what, axis=axis)
-    perm = [batch_axis, axis] + [a for a in range(rank) if a not in (batch_axis, axis)]
-    moved = data if perm == list(range(rank)) else ed.op("Transpose", [data], "batch_keys_first", perm=perm)
-    out = ed.op("GatherND", [moved, ed.op("Unsqueeze", [idx, ed.ints("axes", -1)], "idx")], what, batch_dims=1)
-    if perm == list(range(rank)):
-        return out
-    return ed.op("Transpose", [out], "restore_layout", perm=[perm.index(a) for a in range(rank)])
+        return ed.gather_per_batch(data, rows, b, axes.batch_axis, axes.key_axis, rank, what="keys")
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -451,8 +361,8 @@ def rewrite_key_pruning(working: WorkingModel, structure: DecoderStructure, plan
 def describe_plan(plan: KeyPruningPlan) -> dict[str, Any]:
     """The plan as plain data (recorded in the rewritten model's metadata)."""
     c = plan.config
-    return {"r": c.r, "n": c.n, "k": c.k, "use_class_score": c.use_class_score, "class_reduce": c.class_reduce,
-            "tensorrt": plan.tensorrt, "pruning_layers": [s.layer for s in plan.steps],
+    return {"r": c.r, "n": c.n, "k": c.k, "top_queries": plan.top_queries, "use_class_score": c.use_class_score,
+            "class_reduce": c.class_reduce, "tensorrt": plan.tensorrt, "pruning_layers": [s.layer for s in plan.steps],
             "keys_pruned": [s.num_drop for s in plan.steps], "keys_per_layer": list(plan.keys_per_layer)}
 
 
@@ -492,8 +402,9 @@ class KeyPruningPass(KeyReductionPass):
 
     def apply(self, working: WorkingModel, structure: DecoderStructure) -> None:
         plan = plan_key_pruning(structure, self.config, self.tensorrt)
-        log.info("tgGBC r=%d n=%d k=%d: pruning after layers %s, keys per layer %s", self.config.r, self.config.n,
-                 self.config.k, [s.layer for s in plan.steps], list(plan.keys_per_layer))
+        log.info("tgGBC r=%d n=%d k=%d (%s): pruning after layers %s, keys per layer %s", self.config.r,
+                 self.config.n, self.config.k, f"top {plan.top_queries} queries" if plan.top_queries else "every query",
+                 [s.layer for s in plan.steps], list(plan.keys_per_layer))
         rewrite_key_pruning(working, structure, plan)
 
     def __repr__(self) -> str:
