@@ -34,6 +34,26 @@ RESULTS = REPO / "benchmarks" / "results"
 OUTPUTS = ("all_cls_scores", "all_bbox_preds")
 
 
+def setup_logging(script: str) -> None:
+    """INFO lines of the script's logger, ``benchmarks`` and ``edgeprune`` to stderr, once each.
+
+    Not the root logger: edgeprune's commands (run in-process) attach their own handler to
+    ``edgeprune`` and a root handler would print their lines twice, and ONNX Runtime's
+    quantizer logs one root INFO line per unquantized tensor.
+    """
+    from edgeprune.cli.main import setup_logging as setup_edgeprune_logging
+
+    setup_edgeprune_logging(False)
+    for name in (script, "benchmarks"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 # ---------------------------------------------------------------- the machine
 def add_timing_arguments(p: Any, *, warmup: int = 3, repeats: int = 30) -> None:
     """The timing options of ``edgeprune bench`` (one definition, ``edgeprune.cli.args``) plus --out."""

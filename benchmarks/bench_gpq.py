@@ -136,7 +136,7 @@ def markdown(report: Any, facts: dict[str, Any], args: argparse.Namespace, machi
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    c.setup_logging(log.name)
     from edgeprune.runners.bench import BenchOptions, benchmark
     from edgeprune.runners.report import format_table
 

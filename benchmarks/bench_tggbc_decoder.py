@@ -115,7 +115,7 @@ def markdown(args: argparse.Namespace, facts: Dict[str, Any], rows: List[c.Row],
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    c.setup_logging(log.name)
     facts = dict(c.machine_facts(args.threads), command=c.command_line())
     with tempfile.TemporaryDirectory(prefix="bench-tggbc-") as tmp:
         models = export_models(args, Path(tmp))

@@ -215,7 +215,7 @@ def markdown(args: argparse.Namespace, facts: Dict[str, Any], rows: List[c.Row],
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    c.setup_logging(log.name)
     facts = dict(c.machine_facts(args.threads), command=c.command_line())
     with tempfile.TemporaryDirectory(prefix="bench-whole-") as tmp:
         built = build(args, Path(tmp))

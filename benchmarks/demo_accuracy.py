@@ -222,7 +222,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    c.setup_logging(log.name)
     args = parse_args(argv)
     from edgeprune.sweep.settings import decoder_size, parse_r
 

@@ -97,7 +97,7 @@ def markdown(rows: List[Dict[str, Any]], command: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    c.setup_logging(log.name)
     rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="flops-") as tmp:
         for preset in args.presets:
