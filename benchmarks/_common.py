@@ -39,11 +39,16 @@ def setup_logging(script: str) -> None:
 
     Not the root logger: edgeprune's commands (run in-process) attach their own handler to
     ``edgeprune`` and a root handler would print their lines twice, and ONNX Runtime's
-    quantizer logs one root INFO line per unquantized tensor.
+    quantizer logs one root INFO line per unquantized tensor. Its module-level
+    ``logging.info`` would give the root a handler on first use (``basicConfig``) unless the
+    root has one: a NullHandler.
     """
     from edgeprune.cli.main import setup_logging as setup_edgeprune_logging
 
     setup_edgeprune_logging(False)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
     for name in (script, "benchmarks"):
         logger = logging.getLogger(name)
         if not logger.handlers:

@@ -16,7 +16,8 @@ against), on held-out scenes whose objects are known:
    **Where it looks instead**: the share on the few tokens that get the most attention over all
    scenes (fixed tokens: attention sinks if the same ones lead in every scene, listed by camera,
    row and column), and the share of each layer's unpruned attention that the keys a method keeps
-   hold (what the layers after the pruning point lose).
+   in the end hold (for the layers after the pruning point: what they lose; for the pruning
+   layers, tgGBC's own criterion, so they favour it by construction).
 4. **What the selection does to the detections**: mAP and AP per distance of the
    torch model (same decoding as ``edgeprune eval``), and the confident queries (best-class score
    >= 0.3) that are true (an object of that class within 2 m) or false positives.

@@ -93,7 +93,7 @@ def test_gpq_refuses_a_folded_first_self_attention_that_mixes_queries(case: tupl
     out = tmp_path / "gpq.onnx"
     with pytest.raises(InvalidModelError, match="folded") as err:
         rewrite(simplified, out, [QueryPruningPass(keep_indices=KEEP)], verify=False)
-    assert "\n" not in str(err.value) and "do_constant_folding=False" in str(err.value)
+    assert "\n" not in str(err.value) and "before onnxsim" in str(err.value)
     assert not out.exists()
     keep = tmp_path / "keep.json"
     keep.write_text(json.dumps(KEEP))
@@ -101,21 +101,75 @@ def test_gpq_refuses_a_folded_first_self_attention_that_mixes_queries(case: tupl
     assert code != 0 and "self-attention" in one_line(stderr) and not out.exists()
 
 
+def test_gpq_refuses_a_folded_stream_that_is_computed_from_constants(tmp_path: Path) -> None:
+    """The folded stream behind an op (a Cast, as in mixed-precision graphs) is still a constant:
+    the guard computes it and refuses."""
+    from onnx import helper
+
+    from edgeprune.errors import InvalidModelError
+    from edgeprune.graph.index import GraphIndex
+    from edgeprune.passes.discovery.discover import discover
+    from edgeprune.passes.queries.folded import residual_input
+
+    model = onnx.load(str(_simplified("torch-bf", "torchscript", tmp_path)))
+    structure, index = discover(model), GraphIndex.build(model)
+    residual = residual_input(index, index.nodes[structure.layers[0].pv_node].output[0], structure.num_queries)
+    assert index.value(residual) is not None                                   # stored: put a Cast behind it
+    for node in model.graph.node:
+        node.input[:] = [residual + "_cast" if name == residual else name for name in node.input]
+    model.graph.node.insert(0, helper.make_node("Cast", [residual], [residual + "_cast"], to=onnx.TensorProto.FLOAT))
+    path, out = tmp_path / "cast.onnx", tmp_path / "gpq.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InvalidModelError, match="folded"):
+        rewrite(path, out, [QueryPruningPass(keep_indices=KEEP)], verify=False)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_gpq_accepts_a_folded_self_attention_whose_rows_are_all_alike(tmp_path: Path) -> None:
     """DETR's zero content: the folded first self-attention is the out-projection's bias in every
-    row, so slicing is exact; the guard lets it through and the result equals the module."""
+    row (equal up to rounding once the biases are not zero, as in any trained model), so slicing
+    is exact; the guard sees the constant stream, lets it through, and the result equals the module."""
+    import copy
+
+    from edgeprune.graph.index import GraphIndex
+    from edgeprune.passes.discovery.discover import discover
+    from edgeprune.passes.queries.folded import attention_op_count, residual_input, rows_differ
     _needs_transformers("detr")
-    module = fm.model("detr-eager")
+    onnxsim = pytest.importorskip("onnxsim", reason="onnxsim is the simplify extra (pip install -e .[test])")
+    module = copy.deepcopy(fm.model("detr-eager"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
     inputs = module.example_inputs(1, False)
-    simplified = _simplified("detr-eager", "torchscript", tmp_path)
-    from edgeprune.passes.queries.folded import attention_op_count
-    assert attention_op_count(onnx.load(str(simplified))) < 2 * module.sizes.layers       # it was folded
-    out = tmp_path / "gpq.onnx"
+    plain = tmp_path / "detr.onnx"
+    with torch.no_grad():
+        torch.onnx.export(module, tuple(inputs.values()), str(plain), input_names=list(inputs),
+                          output_names=["all_cls_scores"], opset_version=17, dynamo=False)
+    model, ok = onnxsim.simplify(onnx.load(str(plain)))
+    assert ok and attention_op_count(model) < 2 * module.sizes.layers                     # it was folded
+    structure, index = discover(model), GraphIndex.build(model)
+    residual = residual_input(index, index.nodes[structure.layers[0].pv_node].output[0], structure.num_queries)
+    assert residual is not None and index.is_constant(residual)                           # the guard looks at it
+    assert not rows_differ(index.value(residual), structure.num_queries)
+    simplified, out = tmp_path / "detr-sim.onnx", tmp_path / "gpq.onnx"
+    onnx.save(model, str(simplified))
     rewrite(simplified, out, [QueryPruningPass(keep_indices=KEEP)], verify=False)
     with torch.no_grad():
         expected = fm.with_queries(module, KEEP)(**inputs)
     assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
+
+
+def test_rows_differ_ignores_rounding_only() -> None:
+    from edgeprune.passes.queries.folded import rows_differ
+    rng = np.random.default_rng(0)
+    row = rng.normal(size=(1, 1, 64)).astype(np.float32)
+    alike = np.repeat(row, 20, axis=1) + rng.normal(scale=2e-6, size=(1, 20, 64)).astype(np.float32)
+    assert not rows_differ(alike, 20)
+    assert rows_differ(rng.normal(size=(1, 20, 64)), 20)
+    assert not rows_differ(rng.normal(size=(1, 7, 64)), 20)                  # no query axis
 
 
 @pytest.mark.slow

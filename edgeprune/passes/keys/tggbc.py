@@ -228,7 +228,7 @@ def _importance(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan, keys
     weights, rows = _query_selection(ed, layer, plan)                           # [B, q], [B, q] | None
     src = _per_head_probs(ed, layer, plan, rows)
     b, h = plan.batch, src.heads
-    q = src.num_rows if src.rows is None else plan.config.k
+    q = src.num_rows if src.rows is None else plan.top_queries
     per_head = ed.op("Mul", [weights, ed.const("inv_heads", np.float32(1.0 / h))], "head_weights")
     tiled = ed.op("Tile", [ed.op("Unsqueeze", [per_head, ed.ints("axes", 1)], "weights_3d"),
                            ed.ints("repeats", 1, h, 1)], "weights_per_head")    # [B, h, q]
@@ -252,7 +252,7 @@ def _contract_rows(ed: GraphEditor, src: ScoringRows, weights_row: Any, plan: Ke
     the earlier product over all Nq rows, 13.9 ms.
     The gathers are named ``.../rows/gather/``, so the fp16 pass moves these rows in fp16.
     """
-    b, h, nq, k = plan.batch, src.heads, src.num_rows, plan.config.k
+    b, h, nq, k = plan.batch, src.heads, src.num_rows, plan.top_queries
     total = h * k
     per_chunk = max(1, min(total, SCORE_CHUNK_BYTES // (4 * max(keys, 1))))
     scope = f"{ed.scope}{ROW_GATHER_SCOPE}"

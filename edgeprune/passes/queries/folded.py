@@ -8,17 +8,15 @@ whose every row mixes all ``Nq`` queries. Slicing that constant is not what the 
 with fewer queries, and the constant looks like any learned per-query embedding. Measured on
 the corpus's ``torch-bf`` stack, exported then simplified: GPQ's logits were off by up to 1.3.
 
-Two signs together identify it:
-
-1. the graph has fewer attention ops (Softmax or fused) than two per layer, and more than
-   one per layer: the decoder has self-attention, and a layer lost it;
-2. the residual stream that layer 0's cross-attention adds its output to is a constant whose
-   rows differ along the query axis.
-
-Folding is harmless when the folded self-attention's values are the same for every query
-(DETR's zero content: every row is the out-projection's bias); the stream then has identical
-rows, and the pass goes ahead. A decoder whose first layer has no self-attention by design and
-a learned content embedding would be refused too; the message says what was seen.
+The sign it leaves: the residual stream that layer 0's cross-attention adds its output to is
+a constant (stored, or computed from constants only) whose rows differ along the query axis
+by more than rounding, in a graph that has self-attention. Unfolded, that stream depends on
+the inputs (or on a learned embedding sliced consistently upstream, not a constant at the
+Add). Folding is harmless when the folded self-attention's values are the same for every
+query (DETR's zero content: every row is the out-projection's bias), and the stream's rows
+then agree, up to rounding; the pass goes ahead. A decoder whose first layer has no
+self-attention by design and a learned content embedding would be refused too; the message
+says what was seen.
 """
 from __future__ import annotations
 
@@ -27,8 +25,10 @@ from typing import Any
 from edgeprune.errors import InvalidModelError
 from edgeprune.graph.index import GraphIndex
 
-# Ops between an attention's p*v product and its residual Add: head merge, out projection, bias.
-_TO_RESIDUAL = {"Transpose", "Reshape", "MatMul", "Gemm", "Add", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
+# Ops between an attention's p*v product and its residual Add: head merge, out projection, bias,
+# layer scale, dropout left in the graph.
+_TO_RESIDUAL = {"Transpose", "Reshape", "MatMul", "Gemm", "Add", "Mul", "Div", "Flatten", "Squeeze", "Unsqueeze",
+                "Cast", "Identity", "Dropout"}
 _MAX_STEPS = 12
 
 
@@ -60,33 +60,37 @@ def residual_input(index: GraphIndex, attention_output: str, num_queries: int) -
     return None
 
 
-def _distinct_rows(index: GraphIndex, tensor: str, num_queries: int) -> bool:
-    """True when ``tensor`` is a stored constant whose slices along its query axis differ."""
-    import numpy as np
+def _constant_value(model: Any, index: GraphIndex, tensor: str) -> "np.ndarray":
+    """The value of a tensor computed from constants only: stored, or from one run (any inputs)."""
+    from edgeprune.graph.run import run_tensors
     value = index.value(tensor)
-    if value is None:
-        return False
+    return value if value is not None else run_tensors(model, [tensor])[tensor]
+
+
+def rows_differ(value: "np.ndarray", num_queries: int) -> bool:
+    """Whether the slices of ``value`` along its query axis differ by more than rounding
+    (1e-3 of the largest magnitude: a folded bias computed per row differs by ~1e-6)."""
+    import numpy as np
     axes = [i for i, d in enumerate(value.shape) if d == num_queries]
-    if not axes:
+    if not axes or value.size == 0:
         return False
-    first = np.take(value, [0], axis=axes[0])
-    return not np.allclose(first, value, rtol=1e-6, atol=1e-7)
+    spread = np.abs(value - np.take(value, [0], axis=axes[0])).max()
+    return bool(spread > 1e-3 * max(float(np.abs(value).max()), 1e-30))
 
 
 def check_first_self_attention(model: Any, structure: Any) -> None:
     """Raise InvalidModelError when layer 0's self-attention was folded into a query-mixing constant."""
-    layers, ops = structure.num_layers, attention_op_count(model)
-    if not layers < ops < 2 * layers:
-        return
+    if attention_op_count(model) <= structure.num_layers:
+        return                                          # no self-attention anywhere: nothing to fold
     index = GraphIndex.build(model)
     first = structure.layers[0]
     residual = residual_input(index, index.nodes[first.pv_node].output[0], structure.num_queries)
-    if residual is None or not index.is_constant(residual) or not _distinct_rows(index, residual,
-                                                                                 structure.num_queries):
+    if residual is None or not index.is_constant(residual):
+        return
+    if not rows_differ(_constant_value(model, index, residual), structure.num_queries):
         return
     raise InvalidModelError(
-        f"GPQ: {ops} attention ops for {layers} decoder layers, and layer 0's cross-attention adds its output "
-        f"to a constant ({residual}) that differs per query: the first self-attention does not depend on the "
-        "inputs and was folded into it, mixing all queries, which GPQ cannot slice exactly; export again "
-        "without folding it (torch.onnx.export(..., do_constant_folding=False), no onnxsim / edgeprune "
-        "export --no-simplify) or make the query content depend on an input")
+        f"GPQ: layer 0's cross-attention adds its output to a constant ({residual}) that differs per query: "
+        "the first self-attention does not depend on the inputs and was folded into it, mixing all queries, "
+        "which GPQ cannot slice exactly; give GPQ the graph before onnxsim (or export without constant "
+        "folding) or make the query content depend on an input")
