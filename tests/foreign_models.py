@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from model_cache import cache_dir       # the session's export directory (tests/ is on sys.path)
+from model_cache import cache_dir, simplified      # the session's export directory (tests/ is on sys.path)
 
 EXPORTERS = {"torchscript": 17, "dynamo": 18}
 
@@ -406,9 +406,13 @@ def model(name: str) -> ForeignDecoder:
 
 
 @functools.lru_cache(maxsize=None)
-def exported(name: str, exporter: str, batch: int, mask: bool, dynamic: bool = False) -> Path:
+def exported(name: str, exporter: str, batch: int, mask: bool, dynamic: bool = False, simplify: bool = False) -> Path:
     """Path of a cached plain ``torch.onnx.export`` of ``model(name)`` (read-only): static shapes, or
-    with ``dynamic`` a symbolic batch axis on every input (``dynamic_axes`` / ``dynamic_shapes``)."""
+    with ``dynamic`` a symbolic batch axis on every input (``dynamic_axes`` / ``dynamic_shapes``);
+    with ``simplify``, that export run through onnxsim."""
+    if simplify:
+        raw = exported(name, exporter, batch, mask, dynamic)
+        return simplified(raw, f"{raw.stem}-sim")
     module = model(name)
     inputs = module.example_inputs(batch, mask)
     path = cache_dir() / f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}{'-dyn' * dynamic}.onnx"

@@ -70,7 +70,7 @@ def exported_decoder(preset: str, exporter: str, batch: int = 1, layers: Optiona
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     stem = f"{preset}-{exporter}-b{batch}-L{layers or 'all'}-{attention}"
     if simplify:
-        return _simplified(exported_decoder(preset, exporter, batch, layers, attention), f"{stem}-sim")
+        return simplified(exported_decoder(preset, exporter, batch, layers, attention), f"{stem}-sim")
     path = cache_dir() / f"{stem}.onnx"
     model = decoder_model(preset, layers, attention)
     _export(model, model.example_inputs(batch=batch, seed=0), path, exporter)
@@ -91,7 +91,8 @@ def _export(module: Any, inputs: dict, path: Path, exporter: str) -> None:
         torch.onnx.export(module, tuple(inputs.values()), str(path), **kwargs)
 
 
-def _simplified(raw: Path, stem: str) -> Path:
+def simplified(raw: Path, stem: str) -> Path:
+    """``raw`` run through onnxsim, saved in the cache as ``stem``.onnx (as users often do before handing a graph over)."""
     import onnx
     import onnxsim
 

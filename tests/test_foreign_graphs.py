@@ -86,13 +86,27 @@ def _param(case: tuple) -> Any:
     return pytest.param(case, id="-".join(str(c) for c in case), marks=marks)
 
 
-@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+# onnxsim'd graphs, as users often hand them over: it merges the identical key/value projections of
+# the cloned (untrained) torch stacks into one shared K and V, and folds the stacked DETR head's
+# Reshape targets to [L, B, Nq, C]
+QUICK_SIMPLIFIED = [("torch-bf", "torchscript", 2, True), ("detr-aux-sdpa", "dynamo", 1, False)]
+
+
+def _param_simplified(case: tuple) -> Any:
+    marks = () if case in QUICK_SIMPLIFIED else (pytest.mark.slow,)
+    return pytest.param(case + (True,), id="-".join(str(c) for c in case) + "-onnxsim", marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES] + [_param_simplified(c) for c in CASES])
 def test_pruned_foreign_graph_equals_torch_tggbc(case: tuple, tmp_path: Path) -> None:
-    name, exporter, batch, mask = case
+    name, exporter, batch, mask = case[:4]
+    simplify = len(case) > 4
     if "detr" in name:
         pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
+    if simplify:
+        pytest.importorskip("onnxsim", reason="onnxsim is the simplify extra (pip install -e .[test])")
     module = fm.model(name)
-    path = fm.exported(name, exporter, batch, mask)
+    path = fm.exported(name, exporter, batch, mask, simplify=simplify)
     inputs = module.example_inputs(batch, mask)
     structure = discover(onnx.load(str(path)))                              # no overrides
     assert (structure.num_layers, structure.num_keys, structure.batch) == (module.sizes.layers, module.sizes.keys,

@@ -64,14 +64,9 @@ def test_gpq_on_foreign_graph_equals_module_with_kept_queries(case: tuple, tmp_p
     assert float((expected - full[..., KEEP, :]).abs().max()) > 1e-3      # queries interact: not a mere slice
 
 
-def _simplified(name: str, exporter: str, tmp_path: Path) -> Path:
-    """The corpus export run through onnxsim, as users often do before handing a graph over."""
-    onnxsim = pytest.importorskip("onnxsim", reason="onnxsim is the simplify extra (pip install -e .[test])")
-    model, ok = onnxsim.simplify(onnx.load(str(fm.exported(name, exporter, 1, False))))
-    assert ok
-    path = tmp_path / f"{name}-{exporter}-sim.onnx"
-    onnx.save(model, str(path))
-    return path
+def _simplified(name: str, exporter: str) -> Path:
+    pytest.importorskip("onnxsim", reason="onnxsim is the simplify extra (pip install -e .[test])")
+    return fm.exported(name, exporter, 1, False, simplify=True)
 
 
 FOLDED_CASES = [("torch-bf", "torchscript"), ("torch-sf", "dynamo")]
@@ -88,7 +83,7 @@ def test_gpq_refuses_a_folded_first_self_attention_that_mixes_queries(case: tupl
     from test_io_policy import one_line, run_cli
 
     name, exporter = case
-    simplified = _simplified(name, exporter, tmp_path)
+    simplified = _simplified(name, exporter)
     assert attention_op_count(onnx.load(str(simplified))) == 2 * fm.model(name).sizes.layers - 1
     out = tmp_path / "gpq.onnx"
     with pytest.raises(InvalidModelError, match="folded") as err:
@@ -111,7 +106,7 @@ def test_gpq_refuses_a_folded_stream_that_is_computed_from_constants(tmp_path: P
     from edgeprune.passes.discovery.discover import discover
     from edgeprune.passes.queries.folded import residual_input
 
-    model = onnx.load(str(_simplified("torch-bf", "torchscript", tmp_path)))
+    model = onnx.load(str(_simplified("torch-bf", "torchscript")))
     structure, index = discover(model), GraphIndex.build(model)
     residual = residual_input(index, index.nodes[structure.layers[0].pv_node].output[0], structure.num_queries)
     assert index.value(residual) is not None                                   # stored: put a Cast behind it

@@ -38,6 +38,7 @@ from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure,
 log = logging.getLogger(__name__)
 
 _SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}   # op -> input holding a target shape
+_STEPS_ABOVE_PROBS = 5      # Softmax <- Add(mask) <- Mul(scale) <- MatMul(Q, K^T), with a Cast or Reshape between
 
 
 # --------------------------------------------------------------------------- records
@@ -143,9 +144,36 @@ class KeyFeeder:
                 elif (tensor.name, stage) in self.replaced:
                     node.inputs[i] = self.replaced[(tensor.name, stage)]
             entries.append(node)
+        self._read_clones(layer, stage)
         for mask in layer.masks:
             entries += self._mask(layer, mask, stage)
         return entries
+
+    def _read_clones(self, layer: DecoderLayer, stage: int) -> None:
+        """Point ``layer``'s attention (Q K^T, P V) at this stage's copies of its key path's last tensors.
+
+        Needed when the whole key path is shared: onnxsim merges identical computations, so layers
+        with identical key/value weights (cloned, untrained) read one K and one V; the copies are
+        then only read if the attention itself is rewired.
+        """
+        if not any(s == stage for _, s in self.replaced):
+            return                                       # nothing of this stage was copied
+        for node in self._attention_nodes(layer):
+            for i, tensor in enumerate(list(node.inputs)):
+                copy = self.replaced.get((tensor.name, stage))
+                if copy is not None:
+                    node.inputs[i] = copy
+
+    def _attention_nodes(self, layer: DecoderLayer) -> list[Any]:
+        """The P V node and the nodes a few steps above the probabilities (Softmax, mask Add, scale, Q K^T)."""
+        path = set(key_nodes(layer))                    # the originals: earlier stages still read them
+        found = {layer.pv_node: self.ed.node(layer.pv_node)} if layer.pv_node else {}   # unknown: named by overrides
+        frontier = [self.ed.tensor(layer.probs.tensor)] if layer.probs.layout != "fused" else []
+        for _ in range(_STEPS_ABOVE_PROBS):
+            producers = [t.inputs[0] for t in frontier if len(t.inputs) == 1 and t.inputs[0].name not in path]
+            found.update((p.name, p) for p in producers)
+            frontier = [t for p in producers for t in p.inputs]
+        return list(found.values())
 
     def _clone(self, node: Any, stage: int) -> Any:
         """``node``'s copy for ``stage`` (made once; later copies read the earlier copies' outputs)."""

@@ -40,7 +40,7 @@ from edgeprune.methods.tggbc import CLASS_REDUCTIONS, TgGBCConfig, schedule     
 from edgeprune.graph.edit import GraphEditor, WorkingModel, model_opset
 from edgeprune.graph.shapes import tensor_info
 from edgeprune.passes.keys.feed import (KeyAxes, KeyFeeder, KeyFeedPlan, KeyReductionPass, check_key_counts,
-                                      key_counts_from_args)
+                                      constant_value, key_counts_from_args)
 from edgeprune.passes.discovery.structure import ClassHead, DecoderLayer, DecoderStructure
 from edgeprune.passes.keys.fused_probs import fused_probs
 
@@ -163,7 +163,7 @@ def _query_selection(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan)
     cfg, b, nq, k = plan.config, plan.batch, plan.num_queries, plan.top_queries
     if not cfg.use_class_score and k <= 0:
         return ed.const("ones", np.ones((b, nq), dtype=np.float32)), None
-    logits = ed.reshape(_layer_logits(ed, layer, plan.class_head), "logits", b, nq, -1)   # [B, Nq, C]
+    logits = ed.reshape(_layer_logits(ed, layer, plan.class_head, len(plan.keys_per_layer)), "logits", b, nq, -1)
     reduce_op = {"max": "ReduceMax", "mean": "ReduceMean", "min": "ReduceMin"}[cfg.class_reduce]
     conf = ed.op("Sigmoid", [ed.reduce(reduce_op, logits, -1, "class_reduce")], "confidence")   # [B, Nq]
     if k <= 0:
@@ -174,7 +174,7 @@ def _query_selection(ed: GraphEditor, layer: DecoderLayer, plan: KeyPruningPlan)
     return ed.op("GatherElements", [conf, top], "top_confidence", axis=1), top   # [B, k], [B, k]
 
 
-def _layer_logits(ed: GraphEditor, layer: DecoderLayer, head: ClassHead | None) -> Any:
+def _layer_logits(ed: GraphEditor, layer: DecoderLayer, head: ClassHead | None, num_layers: int) -> Any:
     """Layer ``layer``'s class logits in fp32: the graph's, or its class head copied onto the layer's output.
 
     The copy reads the layer's output at the position the head reads the last layer's, so it
@@ -186,7 +186,26 @@ def _layer_logits(ed: GraphEditor, layer: DecoderLayer, head: ClassHead | None) 
         raise PatternNotFoundError(f"tgGBC needs layer {layer.index}'s class logits, which discovery did not find; "
                                    f"supply them with --override layer.{layer.index}.logits=TENSOR")
     copies = ed.clone(head.nodes, {head.entry: ed.tensor(layer.head_input)}, "class_head")
+    if head.stacked:
+        _unstack_targets(ed, [copies[n.name] for n in _outputs(ed, head.nodes)], num_layers)
     return ed.as_float(copies[head.exit], head.exit)
+
+
+def _outputs(ed: GraphEditor, names: Any) -> list[Any]:
+    return [t for name in names for t in ed.node(name).outputs]
+
+
+def _unstack_targets(ed: GraphEditor, copies: list[Any], num_layers: int) -> None:
+    """A stacked head's static Reshape targets count L layers (onnxsim folds them: [L, B, Nq, C],
+    or [L*B*Nq, E] flat); the copy reads one layer, so its targets count one."""
+    for tensor in copies:
+        node = tensor.inputs[0] if tensor.inputs else None
+        target = constant_value(node.inputs[1]) if node is not None and node.op == "Reshape" else None
+        if target is None or target.ndim != 1 or len(target) < 2:
+            continue
+        lead = int(target[0])
+        if lead == num_layers or (lead > 0 and lead % num_layers == 0 and -1 not in target.tolist()):
+            node.inputs[1] = ed.ints("unstacked_shape", lead // num_layers, *map(int, target[1:]))
 
 
 def _select_keys(ed: GraphEditor, scores: Any, step: PruningStep, batch: int) -> Any:
