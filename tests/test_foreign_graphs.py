@@ -151,3 +151,60 @@ def test_discovery_names_every_per_key_input(case: tuple) -> None:
             assert keys == {"memory", "key_pos"} and values == {"memory"}
         else:                                   # DETR: one key input, memory + key_pos
             assert len(layer.key_inputs) == 1 and keys.isdisjoint(inputs) and values == {"memory"}
+
+
+# Older toolchains export at opset 11-12 (mmdeploy's default is 11): the key passes raise the graph to 17
+# with onnx's version converter, which wraps Softmax in Flatten/Reshape where it cannot see the axis
+OLD_OPSET_CASES = [("detr-eager", 11, 2, True), ("detr-eager", 12, 1, False), ("detr-whole", 11, 1, False)]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id="-".join(map(str, c)), marks=() if i == 0 else (pytest.mark.slow,))
+                                  for i, c in enumerate(OLD_OPSET_CASES)])
+def test_old_opset_graph_is_raised_and_pruned_like_torch_tggbc(case: tuple, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
+    name, opset, batch, mask = case
+    module = fm.model(name)
+    inputs = module.example_inputs(batch, mask)
+    path = tmp_path / f"{name}-opset{opset}.onnx"
+    output = "logits" if getattr(module, "final_only", False) else "all_cls_scores"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=[output],
+                          opset_version=opset, dynamo=False)
+    expected, margin = torch_tggbc(module, inputs, CONFIG)
+    assert margin > MIN_GAP
+    expected = expected[-1] if getattr(module, "final_only", False) else expected
+    out = tmp_path / "pruned.onnx"
+    with caplog.at_level(logging.INFO, logger="edgeprune"):
+        rewrite(path, out, [KeyPruningPass(CONFIG)], verify=False)
+    assert f"from opset {opset} to 17" in caplog.text
+    assert onnx.load(str(out)).opset_import[0].version >= 17
+    assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
+
+
+def test_unwrap_softmax_restores_a_last_axis_softmax() -> None:
+    """The converter's Flatten(axis=rank-1) -> Softmax -> Reshape(Shape(x)) becomes Softmax(x, axis=-1);
+    a Flatten on an earlier axis (a softmax over several axes) stays."""
+    from onnx import TensorProto, helper
+
+    from edgeprune.graph.opset import unwrap_softmax
+
+    def wrapped(axis: int) -> onnx.ModelProto:
+        nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=axis), helper.make_node("Softmax", ["f"], ["s"], axis=-1),
+                 helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Reshape", ["s", "shape"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    for axis, unwrapped in ((2, 1), (-1, 1), (1, 0)):
+        model = wrapped(axis)
+        before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        assert unwrap_softmax(model) == unwrapped
+        assert ("Flatten" in [n.op_type for n in model.graph.node]) == (not unwrapped)
+        after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_allclose(after[0], before[0], atol=1e-6)

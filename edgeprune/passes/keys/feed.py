@@ -31,13 +31,14 @@ from typing import Any, ClassVar, Protocol, Sequence
 import numpy as np
 
 from edgeprune.errors import ParameterError, PatternNotFoundError
-from edgeprune.graph.edit import GraphEditor
+from edgeprune.graph.edit import GraphEditor, model_opset
 from edgeprune.passes.registry import BasePass
 from edgeprune.passes.discovery.structure import DecoderLayer, DecoderStructure, MaskInput, ProjectionInput
 
 log = logging.getLogger(__name__)
 
 _SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}   # op -> input holding a target shape
+UPGRADE_OPSET = 17          # a graph older than the pass's min_opset is raised to this (what edgeprune exports)
 _STEPS_ABOVE_PROBS = 5      # Softmax <- Add(mask) <- Mul(scale) <- MatMul(Q, K^T), with a Cast or Reshape between
 
 
@@ -310,17 +311,21 @@ class KeyReductionPass(BasePass):
     """Base of the passes that feed later decoder layers fewer keys (``config.enabled``: they do)."""
 
     requires: ClassVar[frozenset[str]] = frozenset({"probs", "key", "value"})
+    min_opset: ClassVar[int] = 13               # the inserted ops' forms (axes as inputs, GatherND batch_dims)
     config: Any
 
     def prepare(self, model: Any) -> Any:
-        """Undo onnxsim's merged key projections (one MatMul + Split for all layers) and fold target
+        """Raise a graph older than ``min_opset`` to 17 (the inserted ops' forms; :mod:`edgeprune.graph.opset`),
+        undo onnxsim's merged key projections (one MatMul + Split for all layers) and fold target
         shapes computed from ``Shape`` ops into constants: later layers must be able to read fewer
         keys than earlier ones, and only constant targets can be retargeted. Nothing changes when
         nothing is reduced."""
         if self.config.enabled:
             from edgeprune.graph.edit import fold_computed_sizes
+            from edgeprune.graph.opset import upgrade_opset
             from edgeprune.passes.discovery.normalize import split_shared_projections
 
+            model = upgrade_opset(model, UPGRADE_OPSET) if model_opset(model) < self.min_opset else model
             folded = fold_computed_sizes(model)
             if folded:
                 log.debug("folded %d computed target shapes into constants", len(folded))

@@ -338,6 +338,7 @@ class TokenMergingPass(KeyReductionPass):
     name: ClassVar[str] = "tome"
     help: ClassVar[str] = ("ToMe baseline: merge the r most similar image tokens (bipartite soft matching of the "
                            "keys) over the first n decoder layers")
+    min_opset: ClassVar[int] = MIN_OPSET
 
     def __init__(self, r: int, n: int = 1) -> None:
         check_key_counts(r, n)
