@@ -256,6 +256,7 @@ def test_tome_raises_an_old_opset_graph_and_equals_reference(tmp_path: Path) -> 
     assert margin > 1e-5
     rewrite(path, out, [TokenMergingPass(r=40, n=1)], verify=False)
     assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
+    rewrite(path, tmp_path / "same.onnx", [TokenMergingPass(r=0, n=1)], verify=False)   # nothing merged: no opset need
 
 
 def test_tome_refuses_masked_keys_in_one_line(tmp_path: Path) -> None:

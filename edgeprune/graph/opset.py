@@ -60,6 +60,9 @@ def unwrap_softmax(model: Any) -> int:
         replaced[reshape.name] = helper.make_node("Softmax", [flatten.input[0]], [reshape.output[0]],
                                                   name=node.name, axis=-1)
         dropped |= {flatten.name, node.name}
+        shape_of = index.producer[reshape.input[1]]
+        if len(index.users(shape_of.output[0])) == 1 and shape_of.output[0] not in index.outputs:
+            dropped.add(shape_of.name)
     if not replaced:
         return 0
     kept = [replaced.get(n.name, n) for n in model.graph.node if n.name not in dropped]
@@ -74,7 +77,8 @@ def _wrapped(index: GraphIndex, softmax: Any) -> tuple[Any, Any] | None:
         return None
     flatten = index.producer.get(softmax.input[0])
     users = index.users(softmax.output[0])
-    if flatten is None or flatten.op_type != "Flatten" or len(users) != 1 or users[0].op_type != "Reshape":
+    if flatten is None or flatten.op_type != "Flatten" or len(users) != 1 or users[0].op_type != "Reshape" \
+            or {flatten.output[0], softmax.output[0]} & set(index.outputs):
         return None
     reshape, x = users[0], flatten.input[0]
     shape_of = index.producer.get(reshape.input[1])

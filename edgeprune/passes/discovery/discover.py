@@ -159,7 +159,7 @@ def _copy_input(_: GraphIndex, node: Any) -> int | None:
 def _layer(i: int, match: AttentionMatch, logits: str | None) -> DecoderLayer:
     return DecoderLayer(index=i, probs=match.probs, key_inputs=match.key_inputs, value_inputs=match.value_inputs,
                         masks=match.masks, pv_node=match.pv_node, logits=logits, num_keys=match.num_keys,
-                        key_path_nodes=match.path_nodes)
+                        key_path_nodes=match.path_nodes, qk_node=match.qk_node)
 
 
 def is_cross_attention(index: GraphIndex, match: AttentionMatch) -> bool:

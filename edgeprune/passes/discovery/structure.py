@@ -115,6 +115,8 @@ class DecoderLayer:
     # Discovery's guesses for parts it could not record (a layer named by overrides), as
     # ``--override`` values: ``(("key", "TENSOR@NODE"), ("value", ...))``.
     guesses: tuple[tuple[str, str], ...] = ()
+    # The MatMul(Q, K^T) node of the scores (None for fused ops and layers named by overrides).
+    qk_node: str | None = None
 
     @property
     def logits_recomputed(self) -> bool:

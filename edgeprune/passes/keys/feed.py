@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 _SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}   # op -> input holding a target shape
 UPGRADE_OPSET = 17          # a graph older than the pass's min_opset is raised to this (what edgeprune exports)
-_STEPS_ABOVE_PROBS = 5      # Softmax <- Add(mask) <- Mul(scale) <- MatMul(Q, K^T), with a Cast or Reshape between
 
 
 # --------------------------------------------------------------------------- records
@@ -155,26 +154,30 @@ class KeyFeeder:
 
         Needed when the whole key path is shared: onnxsim merges identical computations, so layers
         with identical key/value weights (cloned, untrained) read one K and one V; the copies are
-        then only read if the attention itself is rewired.
+        then only read if the attention itself is rewired. The nodes are discovery's, not guessed.
         """
-        if not any(s == stage for _, s in self.replaced):
-            return                                       # nothing of this stage was copied
-        for node in self._attention_nodes(layer):
+        if not self._read_outside_key_paths(stage):
+            return                         # no copy of this stage ends a key path (onnxsim's shared flattening)
+        readers = [name for name in (layer.qk_node, layer.pv_node) if name]
+        if layer.probs.layout != "fused" and not layer.qk_node:
+            raise PatternNotFoundError(f"layer {layer.index} shares key-path nodes with a layer that sees another "
+                                       f"number of keys, and its Q K^T product is not known (a layer named by "
+                                       f"--override); {self.plan.method} cannot give it its own keys")
+        for node in (self.ed.node(name) for name in readers):
             for i, tensor in enumerate(list(node.inputs)):
                 copy = self.replaced.get((tensor.name, stage))
                 if copy is not None:
                     node.inputs[i] = copy
 
-    def _attention_nodes(self, layer: DecoderLayer) -> list[Any]:
-        """The P V node and the nodes a few steps above the probabilities (Softmax, mask Add, scale, Q K^T)."""
-        path = set(key_nodes(layer))                    # the originals: earlier stages still read them
-        found = {layer.pv_node: self.ed.node(layer.pv_node)} if layer.pv_node else {}   # unknown: named by overrides
-        frontier = [self.ed.tensor(layer.probs.tensor)] if layer.probs.layout != "fused" else []
-        for _ in range(_STEPS_ABOVE_PROBS):
-            producers = [t.inputs[0] for t in frontier if len(t.inputs) == 1 and t.inputs[0].name not in path]
-            found.update((p.name, p) for p in producers)
-            frontier = [t for p in producers for t in p.inputs]
-        return list(found.values())
+    def _read_outside_key_paths(self, stage: int) -> bool:
+        """Whether an original tensor copied for ``stage`` is read by a node on no layer's key path
+        (an attention MatMul), i.e. a whole key path is shared."""
+        paths = {name for layer in self.structure.layers for name in key_nodes(layer)}
+        for tensor, s in self.replaced:
+            if s == stage and any(c.name not in paths and not c.name.startswith(self.plan.prefix)
+                                  for c in self.ed.tensor(tensor).outputs):
+                return True
+        return False
 
     def _clone(self, node: Any, stage: int) -> Any:
         """``node``'s copy for ``stage`` (made once; later copies read the earlier copies' outputs)."""

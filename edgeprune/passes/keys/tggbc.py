@@ -204,7 +204,7 @@ def _unstack_targets(ed: GraphEditor, copies: list[Any], num_layers: int) -> Non
         if target is None or target.ndim != 1 or len(target) < 2:
             continue
         lead = int(target[0])
-        if lead == num_layers or (lead > 0 and lead % num_layers == 0 and -1 not in target.tolist()):
+        if lead > 0 and lead % num_layers == 0:            # [L, ..] or [L*B*Nq, ..], with or without a -1
             node.inputs[1] = ed.ints("unstacked_shape", lead // num_layers, *map(int, target[1:]))
 
 

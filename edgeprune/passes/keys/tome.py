@@ -83,7 +83,6 @@ def plan_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> To
     from edgeprune.graph.index import GraphIndex
 
     per_layer = config.validate(structure.num_keys, structure.num_layers)
-    _check_opset(model)
     index = GraphIndex.build(model)
     steps, keys, widths = [], structure.num_keys, []
     last = structure.num_layers - 1
@@ -96,7 +95,8 @@ def plan_tome(model: Any, structure: DecoderStructure, config: ToMeConfig) -> To
         _check_layer(layer)
     plan = ToMePlan(tuple(steps), structure.batch, structure.num_heads, tuple(widths))
     if not steps:
-        return plan
+        return plan                          # nothing merged: any opset
+    _check_opset(model)
     stages = plan.feed(structure).stages
     _check_projections_private(structure, stages)
     later = [layer for layer in structure.layers if stages[layer.index] > 0]
