@@ -406,19 +406,21 @@ def model(name: str) -> ForeignDecoder:
 
 
 @functools.lru_cache(maxsize=None)
-def exported(name: str, exporter: str, batch: int, mask: bool, dynamic: bool = False, simplify: bool = False) -> Path:
+def exported(name: str, exporter: str, batch: int, mask: bool, dynamic: bool = False, simplify: bool = False,
+             opset: int | None = None) -> Path:
     """Path of a cached plain ``torch.onnx.export`` of ``model(name)`` (read-only): static shapes, or
     with ``dynamic`` a symbolic batch axis on every input (``dynamic_axes`` / ``dynamic_shapes``);
-    with ``simplify``, that export run through onnxsim."""
+    with ``simplify``, that export run through onnxsim; ``opset`` instead of the exporter's usual one."""
     if simplify:
         raw = exported(name, exporter, batch, mask, dynamic)
         return simplified(raw, f"{raw.stem}-sim")
     module = model(name)
     inputs = module.example_inputs(batch, mask)
-    path = cache_dir() / f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}{'-dyn' * dynamic}.onnx"
+    path = cache_dir() / (f"foreign-{name}-{exporter}-b{batch}-{'mask' if mask else 'nomask'}{'-dyn' * dynamic}"
+                          f"{f'-opset{opset}' if opset else ''}.onnx")
     output = "logits" if getattr(module, "final_only", False) else "all_cls_scores"
     kwargs: dict[str, Any] = dict(input_names=list(inputs), output_names=[output],
-                                  opset_version=EXPORTERS[exporter])
+                                  opset_version=opset or EXPORTERS[exporter])
     if exporter == "dynamo":
         kwargs.update(dynamo=True, external_data=False, verbose=False, report=False, verify=False)
         if dynamic:

@@ -167,18 +167,12 @@ OLD_OPSET_CASES = [("detr-eager", 11, 2, True), ("detr-eager", 12, 1, False), ("
 def test_old_opset_graph_is_raised_and_pruned_like_torch_tggbc(case: tuple, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     import logging
-    import warnings
 
     pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
     name, opset, batch, mask = case
     module = fm.model(name)
     inputs = module.example_inputs(batch, mask)
-    path = tmp_path / f"{name}-opset{opset}.onnx"
-    output = "logits" if getattr(module, "final_only", False) else "all_cls_scores"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=[output],
-                          opset_version=opset, dynamo=False)
+    path = fm.exported(name, "torchscript", batch, mask, opset=opset)
     expected, margin = torch_tggbc(module, inputs, CONFIG)
     assert margin > MIN_GAP
     expected = expected[-1] if getattr(module, "final_only", False) else expected

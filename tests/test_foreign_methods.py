@@ -242,16 +242,10 @@ def test_tome_on_foreign_graph_equals_reference(case: tuple, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_tome_raises_an_old_opset_graph_and_equals_reference(tmp_path: Path) -> None:
     """ToMe inserts ScatterElements with a reduction (opset 16): an opset-12 export is raised to 17 first."""
-    import warnings
-
     _needs_transformers("detr")
     module = fm.model("detr-eager")
     inputs = module.example_inputs(1, False)
-    path, out = tmp_path / "detr-opset12.onnx", tmp_path / "tome.onnx"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
-                          output_names=["all_cls_scores"], opset_version=12, dynamo=False)
+    path, out = fm.exported("detr-eager", "torchscript", 1, False, opset=12), tmp_path / "tome.onnx"
     expected, margin = torch_tome(module, inputs, 40, 1)
     assert margin > 1e-5
     rewrite(path, out, [TokenMergingPass(r=40, n=1)], verify=False)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 PREFIX = "tggbc/"
 ROW_GATHER_SCOPE = "rows/gather/"   # under tggbc/l{l}/: scoring's gathers of the top-k queries' attention rows
 TENSORRT_TOPK_LIMIT = 3840      # TensorRT's documented maximum K of ITopKLayer
-MIN_OPSET = 13                  # Squeeze/Unsqueeze/ReduceSum with axes as inputs, GatherND batch_dims
+MIN_OPSET = KeyReductionPass.min_opset   # older graphs are raised in prepare (edgeprune.graph.opset)
 METADATA_KEY = "edgeprune.tggbc"
 
 # --------------------------------------------------------------------------- plan
