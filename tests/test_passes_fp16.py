@@ -221,3 +221,19 @@ def test_an_fp16_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["rewrite", str(half), "-o", str(tmp_path / "again.onnx"), "--precision", "fp16"]) == 2
     assert not (tmp_path / "again.onnx").exists()
     assert "already fp16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_graph_the_converter_cannot_type_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Hugging Face's whole DETR: the converter leaves a type clash at the mask's CumSum (a known
+    limit, README). The rewrite stops with one line naming --precision fp32 and writes nothing."""
+    pytest.importorskip("transformers", reason="the DETR corpus needs the test extra (pip install -e .[test])")
+    import foreign_models as fm
+
+    out = tmp_path / "whole16.onnx"
+    code = main(["rewrite", str(fm.exported("detr-whole", "torchscript", 1, False)), "-o", str(out),
+                 "--method", "none", "--precision", "fp16"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert "inconsistent graph" in err and "--precision fp32" in err and "CumSum" in err
+    assert not out.exists()

@@ -286,7 +286,9 @@ def _check_types(model: Any) -> None:
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except onnx.shape_inference.InferenceError as exc:
-        raise InternalError(f"fp16 conversion produced an inconsistent graph: {exc}; "
+        errors = [line.strip() for line in str(exc).splitlines() if "op_type" in line] or [" ".join(str(exc).split())]
+        more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
+        raise InternalError(f"fp16 conversion produced an inconsistent graph ({errors[0]}{more}); "
                             "please report it (run with -v); meanwhile use --precision fp32") from exc
 
 
