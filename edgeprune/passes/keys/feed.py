@@ -110,11 +110,13 @@ class KeyFeeder:
     plan: KeyFeedPlan
     transform: KeyTransform
     shared: frozenset[str] = frozenset()
+    key_paths: frozenset[str] = frozenset()      # every layer's key-path nodes
     clones: dict[tuple[str, int], Any] = field(default_factory=dict)
     replaced: dict[tuple[str, int], Any] = field(default_factory=dict)   # (original tensor, stage) -> copy
 
     def __post_init__(self) -> None:
         self.shared = shared_key_nodes(self.structure, self.plan.stages)
+        self.key_paths = frozenset(name for layer in self.structure.layers for name in key_nodes(layer))
 
     def feed_stage(self, stage: int) -> None:
         """Rewire every layer of ``stage`` (> 0) to transformed keys and retarget its static key counts."""
@@ -172,9 +174,8 @@ class KeyFeeder:
     def _read_outside_key_paths(self, stage: int) -> bool:
         """Whether an original tensor copied for ``stage`` is read by a node on no layer's key path
         (an attention MatMul), i.e. a whole key path is shared."""
-        paths = {name for layer in self.structure.layers for name in key_nodes(layer)}
         for tensor, s in self.replaced:
-            if s == stage and any(c.name not in paths and not c.name.startswith(self.plan.prefix)
+            if s == stage and any(c.name not in self.key_paths and not c.name.startswith(self.plan.prefix)
                                   for c in self.ed.tensor(tensor).outputs):
                 return True
         return False

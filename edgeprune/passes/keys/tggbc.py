@@ -108,9 +108,6 @@ def plan_key_pruning(structure: DecoderStructure, config: TgGBCConfig, tensorrt:
     A schedule entry on the last layer prunes nothing that is read later, so it adds no step.
     """
     config.validate(structure.num_keys, structure.num_layers, structure.num_queries)
-    if tensorrt and TENSORRT_TOPK_LIMIT < config.k < structure.num_queries:     # k >= Nq builds no query TopK
-        raise ParameterError(f"--tensorrt: k={config.k} top queries exceeds TensorRT's TopK limit of "
-                             f"{TENSORRT_TOPK_LIMIT}; use k <= {TENSORRT_TOPK_LIMIT} or k=0 (all queries)")
     drops = schedule(config.r, config.n, structure.num_layers) if config.enabled else [0] * structure.num_layers
     keys, steps, widths = structure.num_keys, [], []
     for layer, drop in zip(structure.layers, drops):
@@ -118,8 +115,12 @@ def plan_key_pruning(structure: DecoderStructure, config: TgGBCConfig, tensorrt:
         if drop > 0 and layer.index < structure.num_layers - 1:
             steps.append(PruningStep(layer.index, keys, drop, topk_sizes(keys - drop, tensorrt)))
             keys -= drop
-    return KeyPruningPlan(config, tensorrt, structure.batch, structure.num_queries, tuple(steps), tuple(widths),
+    plan = KeyPruningPlan(config, tensorrt, structure.batch, structure.num_queries, tuple(steps), tuple(widths),
                           structure.class_head)
+    if tensorrt and plan.top_queries > TENSORRT_TOPK_LIMIT:                 # only a query TopK that is built
+        raise ParameterError(f"--tensorrt: k={config.k} top queries exceeds TensorRT's TopK limit of "
+                             f"{TENSORRT_TOPK_LIMIT}; use k <= {TENSORRT_TOPK_LIMIT} or k=0 (all queries)")
+    return plan
 
 
 # --------------------------------------------------------------------------- scoring
