@@ -157,6 +157,21 @@ def test_gpq_accepts_a_folded_self_attention_whose_rows_are_all_alike(tmp_path: 
     assert np.abs(run_onnx(out, inputs) - expected.numpy()).max() < TOL
 
 
+def test_fold_guard_without_a_known_pv_node_lets_the_graph_through() -> None:
+    """A layer named by --override may have no P V node on record: the guard has no stream to follow."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    from edgeprune.passes.queries.folded import check_first_self_attention
+    nodes = [helper.make_node("Softmax", ["x"], ["a"]), helper.make_node("Softmax", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    structure = SimpleNamespace(num_layers=1, num_queries=4, layers=[SimpleNamespace(pv_node="")])
+    check_first_self_attention(model, structure)                 # was a KeyError on the empty node name
+
+
 def test_rows_differ_ignores_rounding_only() -> None:
     from edgeprune.passes.queries.folded import rows_differ
     rng = np.random.default_rng(0)

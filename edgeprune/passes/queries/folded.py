@@ -82,8 +82,10 @@ def check_first_self_attention(model: Any, structure: Any) -> None:
     """Raise InvalidModelError when layer 0's self-attention was folded into a query-mixing constant."""
     if attention_op_count(model) <= structure.num_layers:
         return                                          # no self-attention anywhere: nothing to fold
-    index = GraphIndex.build(model)
     first = structure.layers[0]
+    if not first.pv_node:
+        return                                          # a layer named by overrides without its P V: no stream to follow
+    index = GraphIndex.build(model)
     residual = residual_input(index, index.nodes[first.pv_node].output[0], structure.num_queries)
     if residual is None or not index.is_constant(residual):
         return
